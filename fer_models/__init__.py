@@ -1,0 +1,10 @@
+"""FER models: VGG19, ResNet18, ResNet18-CBAM and their fusion, with config-carrying safetensors checkpoints."""
+from ._registry import create_model, is_model, list_models, register_model
+from .base import FER2013_CLASSES, FERModel, default_config, load_model, load_weights
+from . import vgg, resnet, fusion  # noqa: F401  (register the architectures)
+from .fusion import FusionModel, FusionOutput
+
+__all__ = [
+    "FER2013_CLASSES", "FERModel", "FusionModel", "FusionOutput", "create_model", "default_config", "is_model",
+    "list_models", "load_model", "load_weights", "register_model",
+]

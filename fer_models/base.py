@@ -1,0 +1,189 @@
+"""Base class of every FER model: config that travels with the weights, and safetensors Hub I/O.
+
+Each model is an ``nn.Module`` mixed with huggingface_hub's ``PyTorchModelHubMixin``. Its ``__init__`` keyword
+arguments *are* its config (architecture, class names and order, input/crop size, channels, normalisation,
+the Grad-CAM layer); the mixin writes them to ``config.json`` and ``from_pretrained`` rebuilds the model from
+them, so loading never guesses the architecture. Weights are safetensors only (never pickle), loaded with
+``strict=True``, and may be stored as fp16 and loaded back as fp32.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+# Grey-level statistics of the FER2013 training split, in [0, 1].
+FER2013_MEAN = (0.5077,)
+FER2013_STD = (0.2550,)
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+# Keys every model config has; the builders add architecture-specific ones.
+SPEC_KEYS = ("class_names", "input_size", "crop_size", "in_chans", "mean", "std")
+
+
+def default_config(arch: str, **overrides: Any) -> dict:
+    """FER2013 defaults (7 classes, 48x48 grayscale, 44x44 crops) updated with ``overrides``."""
+    cfg: dict[str, Any] = dict(
+        arch=arch,
+        class_names=list(FER2013_CLASSES),
+        input_size=48,
+        crop_size=44,
+        in_chans=1,
+        mean=list(FER2013_MEAN),
+        std=list(FER2013_STD),
+    )
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if "num_classes" in overrides and "class_names" not in overrides:
+        cfg["class_names"] = [f"class_{i}" for i in range(int(overrides["num_classes"]))]
+    cfg.pop("num_classes", None)
+    return cfg
+
+
+class FERModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="fer-models",
+    tags=["facial-expression-recognition", "image-classification", "fer2013", "pytorch"],
+    pipeline_tag="image-classification",
+    license="mit",
+):
+    """Common config handling. Subclasses pass all their keyword arguments up to ``FERModel.__init__``."""
+
+    def __init__(
+        self, *, arch: str, class_names: list, input_size: int, crop_size: int, in_chans: int, mean: list,
+        std: list, **extra: Any,
+    ):
+        super().__init__()
+        if crop_size > input_size:
+            raise ValueError(f"crop_size {crop_size} is larger than input_size {input_size}")
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"mean/std need {in_chans} values, got {mean} / {std}")
+        self.cfg: dict[str, Any] = dict(
+            arch=arch, class_names=list(class_names), input_size=int(input_size), crop_size=int(crop_size),
+            in_chans=int(in_chans), mean=[float(m) for m in mean], std=[float(s) for s in std], **extra,
+        )
+
+    # --- config accessors -------------------------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return self.cfg["arch"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cfg["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cfg["class_names"])
+
+    @property
+    def in_chans(self) -> int:
+        return self.cfg["in_chans"]
+
+    def input_spec(self) -> dict:
+        """What preprocessing must produce for this model (read by data, evaluation, explanations, the app)."""
+        return {k: self.cfg[k] for k in SPEC_KEYS}
+
+    def cam_target_layers(self) -> dict[str, nn.Module]:
+        """``{name: module}`` that Grad-CAM should hook (the config's ``cam_layer``)."""
+        return {self.arch: self.get_submodule(self.cfg["cam_layer"])}
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    # --- saving -----------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: Union[str, Path], *, dtype: Optional[torch.dtype] = None, **kwargs):
+        """``PyTorchModelHubMixin.save_pretrained`` plus ``dtype`` (e.g. ``torch.float16``) for the stored weights."""
+        self._save_dtype = dtype
+        kwargs.setdefault("config", self.cfg)  # our config, not the mixin's guess from __init__ arguments
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._save_dtype = None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        dtype = getattr(self, "_save_dtype", None)
+        state = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().to("cpu")
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            state[k] = v.contiguous()
+        meta = {"format": "pt", "arch": self.arch, "config": json.dumps(self.cfg)}
+        save_file(state, str(Path(save_directory) / WEIGHTS_NAME), metadata=meta)
+
+    # --- loading ----------------------------------------------------------------------------------------
+    @classmethod
+    def _from_pretrained(
+        cls, *, model_id: str, revision: Optional[str] = None, cache_dir=None, force_download: bool = False,
+        local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True, **model_kwargs,
+    ):
+        from ._registry import create_model
+
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(f"{weights} not found (only safetensors weights are supported)")
+        else:
+            weights = hf_hub_download(
+                repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+                force_download=force_download, local_files_only=local_files_only, token=token,
+            )
+        arch = model_kwargs.pop("arch", None)
+        if arch is None:
+            raise ValueError(f"{model_id}: config has no 'arch'; is this a fer-models checkpoint?")
+        model = create_model(arch, **model_kwargs)
+        load_weights(model, weights, strict=strict)
+        return model.to(map_location).eval()
+
+
+def load_weights(model: nn.Module, path: Union[str, Path], strict: bool = True) -> None:
+    """Load a safetensors file into ``model`` (dtype cast to the model's), with a clear error if it is broken."""
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights file {path}: {e}") from e
+    own = model.state_dict()
+    if strict:
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"weights {path} do not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"weights {path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+    state = {k: (v.to(own[k].dtype) if k in own else v) for k, v in state.items()}
+    model.load_state_dict(state, strict=strict)
+
+
+def load_model(
+    name_or_path: Union[str, Path], *, device: Union[str, torch.device] = "cpu", revision: Optional[str] = None,
+    local_files_only: bool = False, **kwargs: Any,
+) -> FERModel:
+    """Load any fer-models checkpoint (a local directory or a Hub repo id); the config picks the class."""
+    return FERModel.from_pretrained(
+        str(name_or_path), revision=revision, local_files_only=local_files_only, map_location=str(device), **kwargs
+    )

@@ -1,0 +1,112 @@
+"""Tensor-level preprocessing and augmentation, driven by a model's input spec (``model.input_spec()``).
+
+Everything works on whole batches of uint8 faces that already sit on the compute device, so training never
+waits on a data loader: random crop, horizontal flip, rotation and scale jitter are folded into one affine
+``grid_sample`` per batch. Evaluation uses the centre crop or the ten-crop (4 corners + centre, and their
+mirror images) of the ``input_size`` face, as in Krizhevsky et al. (2012).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def to_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 B x C x H x W (or B x H x W) -> normalised float32 B x C x H x W."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return x[..., top:top + crop, left:left + crop]
+
+
+def ten_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
+    """B x C x H x W -> 10 x B x C x crop x crop: four corners, centre, then the same five mirrored."""
+    h, w = x.shape[-2:]
+    crops = [
+        x[..., :crop, :crop], x[..., :crop, w - crop:], x[..., h - crop:, :crop], x[..., h - crop:, w - crop:],
+        center_crop(x, crop),
+    ]
+    crops += [c.flip(-1) for c in crops]
+    return torch.stack(crops)
+
+
+@dataclass
+class AugmentConfig:
+    crop: bool = True           # random crop_size crop of the input_size face
+    flip: bool = True           # horizontal flip with probability 0.5
+    rotation: float = 10.0      # degrees, uniform in [-rotation, rotation]
+    scale: float = 0.1          # zoom jitter, uniform in [1 - scale, 1 + scale]
+
+
+def augment_batch(
+    x: torch.Tensor, crop_size: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Random crop + flip + rotation + scale of float B x C x H x W in one ``grid_sample`` -> B x C x crop x crop."""
+    b, c, h, w = x.shape
+    dev = x.device
+    u = torch.rand(b, 5, generator=generator, device="cpu").to(dev)
+    angle = (u[:, 0] * 2 - 1) * math.radians(cfg.rotation)
+    scale = 1 + (u[:, 1] * 2 - 1) * cfg.scale
+    flip = torch.where(u[:, 2] < 0.5, -1.0, 1.0) if cfg.flip else torch.ones(b, device=dev)
+    # Offsets of the crop window, in the input's normalised [-1, 1] coordinates.
+    max_off = (w - crop_size) / w if cfg.crop else 0.0
+    tx = (u[:, 3] * 2 - 1) * max_off
+    ty = (u[:, 4] * 2 - 1) * ((h - crop_size) / h if cfg.crop else 0.0)
+    sx, sy = crop_size / w / scale, crop_size / h / scale
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([
+        torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
+        torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, (b, c, crop_size, crop_size), align_corners=False)
+    # Border padding: rotated corners repeat the edge instead of inventing black triangles.
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def faces_to_uint8(faces: Sequence[np.ndarray], input_size: int, in_chans: int) -> torch.Tensor:
+    """Face crops of any size, grey or RGB(A) uint8 arrays -> uint8 B x C x input_size x input_size."""
+    import cv2
+
+    out = np.empty((len(faces), in_chans, input_size, input_size), np.uint8)
+    for i, f in enumerate(faces):
+        f = np.asarray(f)
+        if f.dtype != np.uint8:
+            raise ValueError(f"face {i}: expected uint8 pixels, got {f.dtype}")
+        if f.ndim == 3 and f.shape[2] == 4:
+            f = f[..., :3]
+        if in_chans == 1 and f.ndim == 3:
+            f = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY)
+        elif in_chans == 3 and f.ndim == 2:
+            f = np.repeat(f[..., None], 3, axis=2)
+        if f.shape[0] < 1 or f.shape[1] < 1:
+            raise ValueError(f"face {i}: empty crop {f.shape}")
+        interp = cv2.INTER_AREA if min(f.shape[:2]) >= input_size else cv2.INTER_LINEAR
+        f = cv2.resize(f, (input_size, input_size), interpolation=interp)
+        out[i] = f[None] if f.ndim == 2 else f.transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+def prepare_faces(faces: Sequence[np.ndarray], spec: dict, tta: str = "center") -> torch.Tensor:
+    """Face crops (numpy uint8) -> model input per ``spec``: B x C x crop x crop, or 10 x B x ... for ten-crop."""
+    x = to_float(faces_to_uint8(faces, spec["input_size"], spec["in_chans"]), spec["mean"], spec["std"])
+    return crop_views(x, spec["crop_size"], tta)
+
+
+def crop_views(x: torch.Tensor, crop_size: int, tta: str) -> torch.Tensor:
+    if tta == "center":
+        return center_crop(x, crop_size)
+    if tta == "tencrop":
+        return ten_crop(x, crop_size)
+    raise ValueError(f"unknown test-time augmentation {tta!r}; use 'center' or 'tencrop'")
