@@ -123,8 +123,8 @@ def _fusion(members: Sequence[Union[str, dict]], **cfg: Any) -> FusionModel:
 
 @register_model
 def fusion(members: Optional[Sequence[Union[str, dict]]] = None, **cfg: Any) -> FusionModel:
-    """Fusion of VGG19, ResNet18 and ResNet18-CBAM by default; ``members`` takes names or configs."""
-    return _fusion(members or ("vgg19", "resnet18", "resnet18_cbam"), **cfg)
+    """Fusion of VGG19, ResNet18 and VGG19-CBAM by default; ``members`` takes names or configs."""
+    return _fusion(members or ("vgg19", "resnet18", "vgg19_cbam"), **cfg)
 
 
 @register_model

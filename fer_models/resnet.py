@@ -17,46 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._registry import register_model
+from .attention import CBAM
 from .base import FERModel, default_config
-
-
-class ChannelAttention(nn.Module):
-    """CBAM channel attention: shared MLP over average- and max-pooled descriptors."""
-
-    def __init__(self, channels: int, reduction: int = 16):
-        super().__init__()
-        hidden = max(channels // reduction, 4)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        avg = self.mlp(F.adaptive_avg_pool2d(x, 1))
-        mx = self.mlp(F.adaptive_max_pool2d(x, 1))
-        return x * torch.sigmoid(avg + mx)
-
-
-class SpatialAttention(nn.Module):
-    """CBAM spatial attention: 7x7 conv over channel-wise mean and max. Returns the map too (B x 1 x h x w)."""
-
-    def __init__(self, kernel_size: int = 7):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        desc = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-        attn = torch.sigmoid(self.conv(desc))
-        return x * attn, attn
-
-
-class CBAM(nn.Module):
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7):
-        super().__init__()
-        self.channel = ChannelAttention(channels, reduction)
-        self.spatial = SpatialAttention(kernel_size)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.spatial(self.channel(x))
+from .vgg import scale_width
 
 
 class BasicBlock(nn.Module):
@@ -90,12 +53,14 @@ class ResNet(FERModel):
     """ResNet with a small-image stem; ``attention=True`` gives the CBAM variant."""
 
     def __init__(
-        self, *, arch: str, layers: list, widths: list, attention: bool = False, dropout: float = 0.0,
-        cam_layer: str = "", **config,
+        self, *, arch: str, layers: list, widths: list, width: float = 1.0, attention: bool = False,
+        dropout: float = 0.0, cam_layer: str = "", **config,
     ):
         super().__init__(
-            arch=arch, layers=layers, widths=widths, attention=attention, dropout=dropout, cam_layer=cam_layer, **config
+            arch=arch, layers=layers, widths=widths, width=width, attention=attention, dropout=dropout,
+            cam_layer=cam_layer, **config,
         )
+        widths = [scale_width(w, width) for w in widths]
         self.has_attention = bool(attention)
         self.conv1 = nn.Conv2d(self.in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

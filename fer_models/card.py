@@ -1,0 +1,130 @@
+"""Model cards: Hub metadata (``model-index`` eval results) and a body with the measured results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .metrics import format_confusion, plot_confusion
+
+DATASETS = {"PrivateTest": ("FER2013 PrivateTest", "fer2013", "PrivateTest"),
+            "PublicTest": ("FER2013 PublicTest", "fer2013", "PublicTest"),
+            "ckplus48": ("CK+48 (cross-dataset, 6 shared classes)", "ckplus", "all")}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{x * 100:.2f}%"
+
+
+def _eval_results(model_name: str, results: dict) -> list[EvalResult]:
+    out = []
+    for key, res in results.items():
+        if "/" not in key or not isinstance(res, dict) or "accuracy" not in res:
+            continue
+        split, tta = key.split("/", 1)
+        if split not in DATASETS:
+            continue
+        ds_name, ds_type, ds_split = DATASETS[split]
+        for metric, value in (("accuracy", res["accuracy"]), ("f1", res.get("macro_f1"))):
+            if value is None:
+                continue
+            out.append(EvalResult(
+                task_type="image-classification", dataset_type=ds_type, dataset_name=ds_name, dataset_split=ds_split,
+                metric_type=metric, metric_value=round(float(value) * 100, 2),
+                metric_name=f"{metric} ({'macro' if metric == 'f1' else ''}{'ten-crop' if tta == 'tencrop' else 'single crop'})".replace("(macroten", "(macro, ten").replace("(macrosingle", "(macro, single"),
+                metric_config=tta,
+            ))
+    return out
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one row per model (members and fusion) with PublicTest/PrivateTest numbers."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key, res in results.items():
+        if "/" not in key or not isinstance(res, dict) or "accuracy" not in res:
+            continue
+        rows.setdefault(results.get("arch", "model"), {})[key] = res
+        for name, m in res.get("members", {}).items():
+            rows.setdefault(name, {})[key] = m
+    cols = [("PublicTest/center", "accuracy", "PublicTest acc"), ("PrivateTest/center", "accuracy", "PrivateTest acc"),
+            ("PrivateTest/tencrop", "accuracy", "PrivateTest acc (ten-crop)"),
+            ("PrivateTest/center", "macro_f1", "PrivateTest macro-F1"),
+            ("PrivateTest/tencrop", "macro_f1", "PrivateTest macro-F1 (ten-crop)")]
+    lines = ["| model | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    order = sorted(rows, key=lambda n: n == results.get("arch"))  # the fused model last
+    for name in order:
+        lines.append(f"| {name} | " + " | ".join(_pct(rows[name].get(k, {}).get(m)) for k, m, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str] = None) -> ModelCard:
+    out = Path(out)
+    name = repo_id or cfg["arch"]
+    card_data = ModelCardData(
+        library_name="fer-models", license="mit", pipeline_tag="image-classification",
+        tags=["facial-expression-recognition", "fer2013", "pytorch", "safetensors", cfg["arch"]],
+        datasets=["fer2013"], metrics=["accuracy", "f1"], model_name=name,
+        eval_results=_eval_results(name, results) or None,
+    )
+    main_key = "PrivateTest/tencrop" if "PrivateTest/tencrop" in results else "PrivateTest/center"
+    cm_md = ""
+    if main_key in results:
+        r = results[main_key]
+        plot_confusion(r["confusion_matrix"], r["class_names"], out / "confusion_matrix.png",
+                       title=f"{cfg['arch']} – FER2013 {main_key.replace('/', ', ')}")
+        per_class = "\n".join(
+            f"| {c} | {m['precision'] * 100:.1f} | {m['recall'] * 100:.1f} | {m['f1'] * 100:.1f} | {m['support']} |"
+            for c, m in r["per_class"].items())
+        cm_md = (f"## Confusion matrix ({main_key})\n\n![confusion matrix](confusion_matrix.png)\n\n```\n"
+                 f"{format_confusion(r['confusion_matrix'], r['class_names'])}\n```\n\n"
+                 f"| class | precision % | recall % | F1 % | n |\n|---|---|---|---|---|\n{per_class}\n")
+    extra = []
+    for key in ("ckplus48/center",):
+        if key in results:
+            extra.append(f"- CK+48 cross-dataset accuracy: {_pct(results[key]['accuracy'])} "
+                         f"(see results.json for how neutral predictions are counted)")
+    for name, t in results.get("member_training", {}).items():
+        extra.append(f"- `{name}` trained {t.get('train_minutes')} min on {t.get('device')}, "
+                     f"{t.get('epochs_completed')} epochs; kept epoch {t.get('best_epoch')} (best PublicTest accuracy)")
+    if "train_minutes" in results and results.get("epochs_completed") is not None:
+        extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
+                     f"epochs completed: {results.get('epochs_completed')}, checkpoint selected on PublicTest "
+                     f"(epoch {results.get('best_epoch')})")
+    members = ""
+    if "head_trials" in results:
+        trials = ", ".join(f"{b}: {t['public_acc'] * 100:.2f}%" for b, t in results["head_trials"].items())
+        extra.append(f"- Fusion head fitted on cached member logits; PublicTest accuracy by imbalance handling "
+                     f"({trials}); kept `{results.get('head_balance')}`")
+    if cfg.get("members"):
+        members = "Members: " + ", ".join(f"`{m['arch']}`" for m in cfg["members"]) + \
+            f"; fusion mode `{cfg.get('mode')}` (concatenated member logits -> linear layer).\n\n"
+    body = f"""
+# {name}
+
+Facial-expression recognition on 48x48 grayscale faces (FER2013 classes: {", ".join(cfg["class_names"])}).
+Architecture `{cfg["arch"]}`; input {cfg["input_size"]}x{cfg["input_size"]}, {cfg["in_chans"]} channel(s),
+{cfg["crop_size"]}x{cfg["crop_size"]} centre crop (or ten-crop), normalised with mean {cfg["mean"]} / std {cfg["std"]}.
+{members}Checkpoints are selected on FER2013 PublicTest only; PrivateTest is reported once.
+
+## Results (measured by the training/evaluation CLI, not typed by hand)
+
+{results_table(results)}
+
+{chr(10).join(extra)}
+
+{cm_md}
+## Use
+
+```python
+import fer_models
+model = fer_models.load_model("{repo_id or "path/to/this/folder"}")  # safetensors, strict loading
+```
+
+Faces must be cropped first (the app in this repository does detection + cropping); FER2013 has biases in
+age, ethnicity and pose, and expression is not emotion: do not use this model to make decisions about people.
+"""
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n" + body)
+    card.save(out / "README.md")
+    return card

@@ -1,0 +1,107 @@
+"""The training CLI end to end on synthetic data: one epoch, resumed once; fusion head on cached logits; evaluation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import fer_models as fm
+from fer_models import evaluate, train
+from fer_models.train import class_weights, lr_at, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def synthetic_csv(tmp_path_factory):
+    """A learnable toy FER2013 CSV: the class decides where a bright square sits."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "toy.csv"
+    rows = ["emotion,pixels,Usage"]
+    for split, n in (("Training", 256), ("PublicTest", 64), ("PrivateTest", 64)):
+        for i in range(n):
+            label = i % 7
+            img = rng.integers(0, 60, (48, 48))
+            r, c = divmod(label, 3)
+            img[6 + r * 12:16 + r * 12, 6 + c * 12:16 + c * 12] = 250
+            rows.append(f"{label},\"{' '.join(map(str, img.ravel()))}\",{split}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _args(data, out, *extra):
+    return ["--arch", "vgg_tiny", "--data", str(data), "--output", str(out), "--batch-size", "32", "--lr", "0.05",
+            "--num-threads", "2", *extra]
+
+
+def test_one_epoch_then_resume(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    res = train.main(_args(synthetic_csv, run, "--epochs", "1"))
+    assert (run / "state.safetensors").is_file() and (run / "best" / "model.safetensors").is_file()
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1
+    assert {"train_loss", "train_acc", "public_acc", "lr", "images_per_s"} <= set(rows[0])
+    assert 0 <= res["PrivateTest/tencrop"]["accuracy"] <= 1
+    assert res["PrivateTest/center"]["n"] == 64
+
+    # resume: continue the same run for a second epoch; the first epoch's row is kept, not redone
+    res2 = train.main(_args(synthetic_csv, run, "--epochs", "2", "--resume"))
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert json.loads((run / "state.json").read_text())["progress"]["epoch"] == 2
+    assert res2["epochs_completed"] == 2
+
+    model_dir = run / "model"
+    model = fm.load_model(model_dir)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    card = (model_dir / "README.md").read_text()
+    assert "model-index" in card and "PrivateTest" in card and (model_dir / "confusion_matrix.png").is_file()
+    saved = json.loads((model_dir / "results.json").read_text())
+    assert saved["PrivateTest/center"]["accuracy"] == res2["PrivateTest/center"]["accuracy"]
+
+
+def test_training_learns_the_toy_task(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    res = train.main(_args(synthetic_csv, tmp_path / "r", "--epochs", "6", "--rotation", "0", "--scale", "0",
+                           "--no-crop", "--skip-final-eval"))
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["best_public_acc"] > 0.5  # chance is 1/7
+
+
+def test_time_budget_stops_cleanly_with_a_usable_checkpoint(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "b"
+    train.main(_args(synthetic_csv, run, "--epochs", "1000", "--max-minutes", "0.02", "--skip-final-eval"))
+    progress = json.loads((run / "state.json").read_text())["progress"]
+    assert progress["epoch"] < 1000 and progress.get("done")
+    fm.load_model(run / "model")
+
+
+def test_fusion_head_on_cached_member_logits_and_evaluate_cli(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    members = []
+    for arch in ("vgg_tiny", "vgg_cbam_tiny"):
+        train.main(["--arch", arch, "--data", str(synthetic_csv), "--output", str(tmp_path / arch), "--epochs", "1",
+                    "--batch-size", "32", "--skip-final-eval"])
+        members.append(str(tmp_path / arch / "best"))
+    res = train.main(["--arch", "fusion", "--members", ",".join(members), "--data", str(synthetic_csv),
+                      "--output", str(tmp_path / "fusion"), "--head-epochs", "30"])
+    assert set(res["head_trials"]) == {"none", "loss"}
+    assert set(res["PrivateTest/tencrop"]["members"]) == {"vgg_tiny", "vgg_cbam_tiny"}
+    assert (tmp_path / "fusion" / "member_logits.npz").is_file()
+    fusion = fm.load_model(tmp_path / "fusion" / "model")
+    assert isinstance(fusion, fm.FusionModel) and fusion.member_names == ["vgg_tiny", "vgg_cbam_tiny"]
+
+    # the evaluation CLI on the saved fusion reproduces the training run's PrivateTest number
+    out = tmp_path / "eval.json"
+    ev = evaluate.main([str(tmp_path / "fusion" / "model"), "--data", str(synthetic_csv), "--split", "PrivateTest",
+                        "--out", str(out), "--png", str(tmp_path / "cm.png")])
+    assert ev["accuracy"] == pytest.approx(res["PrivateTest/center"]["accuracy"], abs=2 / 64)
+    assert json.loads(out.read_text())["members"].keys() == {"vgg_tiny", "vgg_cbam_tiny"}
+    assert (tmp_path / "cm.png").is_file()
+
+
+def test_class_weights_and_schedule():
+    w = class_weights(np.array([436, 7215, 4000]), 0.5)
+    assert w.mean().item() == pytest.approx(1.0) and w[0] > w[2] > w[1]
+    cfg = TrainConfig(lr=0.1, warmup=0.1)
+    assert lr_at(cfg, 0.0) == 0 and lr_at(cfg, 0.1) == pytest.approx(0.1) and lr_at(cfg, 1.0) == pytest.approx(0)
