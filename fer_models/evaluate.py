@@ -33,8 +33,16 @@ def _score(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> di
     return summarize(confusion_matrix(labels, logits.argmax(1), len(class_names)), class_names)
 
 
-def evaluate_fer(model, data: FaceData, split: str, tta: str, batch_size: int = 512, device=None) -> dict:
+def fixed_subset(n_total: int, n: int) -> np.ndarray:
+    """``n`` indices spread evenly over a split: a fixed, reproducible subset for quick regression checks."""
+    return np.unique(np.linspace(0, n_total - 1, min(n, n_total)).round().astype(int))
+
+
+def evaluate_fer(model, data: FaceData, split: str, tta: str, batch_size: int = 512, device=None,
+                 subset: Optional[int] = None) -> dict:
     part = data.get_split(split)
+    if subset:
+        part = part.subset(fixed_subset(len(part), subset))
     if list(part.class_names) != list(model.class_names):
         raise ValueError(f"data classes {part.class_names} differ from the model's {model.class_names}")
     logits, members = predict_logits(model, part.images, tta=tta, batch_size=batch_size, device=device)
@@ -93,6 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="FER2013 file/folder, the shared data root, or a CK+48 folder")
     p.add_argument("--split", default="PrivateTest", help="FER2013 split (ignored for CK+48)")
     p.add_argument("--tta", choices=["center", "tencrop"], default="center")
+    p.add_argument("--subset", type=int, default=None,
+                   help="score a fixed subset of this many faces spread over the split (recorded as <split><n>)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -115,8 +125,8 @@ def main(argv: Optional[list] = None) -> dict:
         res = evaluate_ckplus(model, data, args.tta, args.batch_size, device)
         key = f"ckplus48/{args.tta}"
     else:
-        res = evaluate_fer(model, data, args.split, args.tta, args.batch_size, device)
-        key = f"{args.split}/{args.tta}"
+        res = evaluate_fer(model, data, args.split, args.tta, args.batch_size, device, subset=args.subset)
+        key = f"{args.split}{args.subset or ''}/{args.tta}"
     print(f"== {args.model} on {key}")
     print(format_report(res))
     if is_ck:

@@ -1,0 +1,132 @@
+"""Face detectors and cropping (fer_models.faces), on scikit-image's astronaut photo and generated images.
+
+Real-photo detection rate runs on the JAFFE full frames when FER_DATA_DIR points at the shared data.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from fer_models.faces import (
+    DETECTORS, FaceBox, create_detector, crop_face, detect_faces, eye_angle, get_detector,
+)
+
+# The astronaut's face in skimage.data.astronaut() (512 x 512), roughly.
+FACE_REGION = (170, 50, 280, 190)
+
+
+def _centre_in(box: FaceBox, region, scale: float = 1.0, offset=(0, 0)) -> bool:
+    x0, y0, x1, y1 = (v * scale for v in region)
+    cx, cy = box.center
+    return x0 + offset[0] <= cx <= x1 + offset[0] and y0 + offset[1] <= cy <= y1 + offset[1]
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return data.astronaut()
+
+
+def test_facebox_geometry():
+    a = FaceBox(0, 0, 10, 10, 0.9, ((2, 3), (8, 3), (5, 5), (3, 8), (7, 8)))
+    b = FaceBox(5, 5, 15, 15)
+    assert a.area == 100 and a.center == (5, 5)
+    assert a.iou(b) == pytest.approx(25 / 175)
+    assert a.iou(a) == 1.0
+    s = a.scaled(2, 1, 1)
+    assert (s.x0, s.y1) == (1, 21) and s.landmarks[0] == (5, 7)
+    c = FaceBox(-5, -5, 20, 30).clipped(10, 12)
+    assert (c.x0, c.y0, c.x1, c.y1) == (0, 0, 10, 12)
+    d = a.to_dict()
+    assert set(d) >= {"x0", "y0", "x1", "y1", "score", "landmarks"} and d["landmarks"]["nose"] == [5, 5]
+    assert eye_angle(a) == 0.0
+
+
+def test_unknown_detector():
+    with pytest.raises(ValueError, match="unknown face detector"):
+        create_detector("nope")
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_detects_astronaut(name, astronaut):
+    boxes = detect_faces(astronaut, name)
+    assert len(boxes) == 1, boxes
+    box = boxes[0]
+    assert _centre_in(box, FACE_REGION)
+    assert 0 <= box.x0 < box.x1 <= 512 and 0 <= box.y0 < box.y1 <= 512
+    assert 0 < box.score <= 1
+    if name == "mtcnn":
+        assert box.landmarks is not None and len(box.landmarks) == 5
+        assert abs(eye_angle(box)) < 10
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_no_face_in_plain_images(name):
+    rng = np.random.default_rng(0)
+    for img in (np.full((240, 320, 3), 128, np.uint8), rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)):
+        assert detect_faces(img, name) == []
+    assert detect_faces(np.zeros((5, 5, 3), np.uint8), name) == []
+
+
+def test_large_image_is_downscaled_and_boxes_mapped_back(astronaut):
+    big = cv2.resize(astronaut, (2048, 2048), interpolation=cv2.INTER_LINEAR)
+    boxes = detect_faces(big, "mtcnn", max_side=512)
+    assert len(boxes) == 1
+    assert _centre_in(boxes[0], FACE_REGION, scale=4)
+    ref = detect_faces(astronaut, "mtcnn")[0]
+    assert boxes[0].iou(ref.scaled(4)) > 0.7
+
+
+def test_tight_crop_found_by_padded_retry(astronaut):
+    tight = np.ascontiguousarray(astronaut[60:180, 175:275])  # the face fills the frame
+    det = get_detector("mtcnn")
+    assert detect_faces(tight, det, pad_retry=0.3), "padded retry should find a face that fills the frame"
+    for b in detect_faces(tight, det, pad_retry=0.3):
+        assert 0 <= b.x0 <= b.x1 <= tight.shape[1] and 0 <= b.y0 <= b.y1 <= tight.shape[0]
+
+
+def test_rotated_face_found_and_aligned(astronaut):
+    m = cv2.getRotationMatrix2D((256, 256), 25, 1.0)
+    rotated = cv2.warpAffine(astronaut, m, (512, 512), borderMode=cv2.BORDER_REPLICATE)
+    boxes = detect_faces(rotated, "mtcnn")
+    assert len(boxes) == 1 and abs(eye_angle(boxes[0]) + 25) < 8  # eyes tilted by the rotation
+    crop = crop_face(rotated, boxes[0], margin=0.3, size=160, align=True)
+    assert crop.shape == (160, 160, 3) and crop.dtype == np.uint8
+    again = detect_faces(crop, "mtcnn")
+    assert again and abs(eye_angle(again[0])) < 8  # the aligned crop has level eyes
+
+
+def test_crop_face_square_and_edges(astronaut):
+    box = FaceBox(-20, -10, 60, 100)  # partly outside the image
+    crop = crop_face(astronaut, box, margin=0.2, size=96)
+    assert crop.shape == (96, 96, 3)
+    big = crop_face(astronaut, FaceBox(0, 0, 512, 512), margin=0.0, size=64)  # strong downscale path
+    assert big.shape == (64, 64, 3)
+    assert np.abs(big.astype(int).mean() - astronaut.mean()) < 10
+    gray_face = crop_face(np.repeat(astronaut[..., :1], 3, axis=2), box, size=48)
+    assert gray_face.shape == (48, 48, 3)
+
+
+def test_detector_is_thread_safe(astronaut):
+    from concurrent.futures import ThreadPoolExecutor
+
+    det = get_detector("mtcnn")
+    with ThreadPoolExecutor(3) as ex:
+        results = list(ex.map(lambda _: detect_faces(astronaut, det), range(3)))
+    assert all(len(r) == 1 for r in results)
+
+
+def test_jaffe_detection_rate(data_dir):
+    """Default detector on the 68 JAFFE full-frame photos: at least 95% found (measured: 100%)."""
+    files = sorted((data_dir / "jaffe" / "fullframe").glob("*/*.jpg"))
+    if not files:
+        pytest.skip("no JAFFE full frames under FER_DATA_DIR")
+    found = 0
+    for f in files:
+        rgb = np.asarray(Image.open(f).convert("RGB"))
+        h, w = rgb.shape[:2]
+        boxes = detect_faces(rgb, "mtcnn")
+        found += any(_centre_in(b, (0.2 * w, 0.2 * h, 0.8 * w, 0.85 * h)) for b in boxes)
+    assert found / len(files) >= 0.95, f"{found}/{len(files)}"
