@@ -1,6 +1,6 @@
 """Latency of explanations: CAMs of every member plus the fused decision, for 1 face and for a batch.
 
-    python benchmarks/explain_speed.py [--model fusion | --model checkpoints/fusion] [--batch-sizes 1 8]
+    python benchmarks/explain_speed.py [--model fusion | --model checkpoints] [--batch-sizes 1 8]
         [--methods gradcam] [--repeats 5] [--threads N]
 
 ``--model`` is a registered architecture (random weights: timing only) or a checkpoint folder. For reference it

@@ -17,7 +17,7 @@
 Each member map is scored with that member's own probability, the ``fusion`` map with the fused probability;
 the explained class is the model's (fused) prediction, as in the app.
 
-    python -m explain.faithfulness --model checkpoints/fusion --data ../shared/data \\
+    python -m explain.faithfulness --model checkpoints --data ../shared/data \\
         --split PrivateTest --n 500 --out faithfulness.json
 
 ``--data`` is anything ``fer_models.data.load_dataset`` reads (e.g. ``../shared/data``), or an ``.npz`` with

@@ -94,7 +94,11 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
                      f"(epoch {results.get('best_epoch')})")
     members = ""
     if "head_trials" in results:
-        trials = ", ".join(f"{b}: {t['public_acc'] * 100:.2f}%" for b, t in results["head_trials"].items())
+        trials = "; ".join(
+            f"{b}: accuracy {t['public_acc'] * 100:.2f}%, macro-F1 {t.get('public_macro_f1', 0) * 100:.2f}%, "
+            f"disgust recall {t.get('public_recall', {}).get('disgust', 0) * 100:.1f}%, "
+            f"fear recall {t.get('public_recall', {}).get('fear', 0) * 100:.1f}%"
+            for b, t in results["head_trials"].items())
         extra.append(f"- Fusion head fitted on cached member logits; PublicTest accuracy by imbalance handling "
                      f"({trials}); kept `{results.get('head_balance')}`")
     if cfg.get("members"):

@@ -360,7 +360,12 @@ def fit_fusion_head(fusion: FusionModel, cache: dict, cfg: TrainConfig, balance:
         if acc > best[0]:
             best = (acc, {k: v.clone() for k, v in head.state_dict().items()}, step + 1)
     head.load_state_dict(best[1])
-    return {"public_acc": best[0], "best_step": best[2], "balance": balance}
+    with torch.no_grad():
+        pub = summarize(confusion_matrix(yp.numpy(), fusion.fuse(xp).argmax(1).numpy(), fusion.num_classes),
+                        fusion.class_names)
+    recall = {c: round(m["recall"], 4) for c, m in pub["per_class"].items()}
+    return {"public_acc": best[0], "public_macro_f1": pub["macro_f1"], "public_recall": recall,
+            "best_step": best[2], "balance": balance}
 
 
 def train_fusion_head(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device) -> tuple[FusionModel, dict]:

@@ -67,14 +67,16 @@ def test_num_classes_and_class_names_size_the_head():
 def test_attention_maps_have_the_grid_shape(name):
     model = fm.create_model(name).eval()
     x = torch.randn(2, 1, 44, 44)
-    logits, maps = model(x, return_attention=True)
+    with torch.no_grad():
+        logits, maps = model(x, return_attention=True)
     assert logits.shape == (2, 7) and maps
     first = next(iter(maps.values()))
     assert first.shape == (2, 44, 44)  # the first stage's map is the input grid
     for m in maps.values():
         assert m.dim() == 3 and m.shape[0] == 2
         assert float(m.min()) >= 0 and float(m.max()) <= 1
-    assert torch.allclose(logits, model(x), atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(x), atol=1e-6)
 
 
 def test_backbone_without_attention_refuses_to_return_maps():
