@@ -22,9 +22,11 @@ from fer_models.predict import autocast, resolve_device
 from fer_models.transforms import AugmentConfig, augment_batch, to_float
 
 
-def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: int, fast: bool) -> float:
-    model = fm.create_model(arch).to(device).train()
-    if fast:
+def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: int, mode: str,
+              width: float = 1.0) -> float:
+    model = fm.create_model(arch, width=width).to(device).train()
+    channels_last, bf16 = "channels_last" in mode, mode.startswith("bf16")
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     spec = model.input_spec()
@@ -37,9 +39,9 @@ def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: i
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
         x = augment_batch(to_float(x8, spec["mean"], spec["std"]), spec["crop_size"], aug)
-        if fast:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, fast):
+        with autocast(device, bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -57,15 +59,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--modes", nargs="+", default=["fp32", "bf16+channels_last"])
+    p.add_argument("--modes", nargs="+", default=["fp32", "fp32+channels_last", "bf16+channels_last"])
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = published size)")
     args = p.parse_args()
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; batch {args.batch_size}; {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"device: {name}; batch {args.batch_size}; width {args.width}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up")
     print(f"{'arch':<16}{'mode':<22}{'img/s':>10}{'FER2013 epoch (s)':>20}")
     for arch in args.archs:
         for mode in args.modes:
-            rate = step_rate(arch, device, args.batch_size, args.steps, args.warmup, fast=(mode != "fp32"))
+            rate = step_rate(arch, device, args.batch_size, args.steps, args.warmup, mode, args.width)
             print(f"{arch:<16}{mode:<22}{rate:10.1f}{28709 / rate:20.1f}", flush=True)
 
 

@@ -81,12 +81,18 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
                  f"{format_confusion(r['confusion_matrix'], r['class_names'])}\n```\n\n"
                  f"| class | precision % | recall % | F1 % | n |\n|---|---|---|---|---|\n{per_class}\n")
     extra = []
+    if "PrivateTest500/center" in results:
+        extra.append(f"- Fixed 500-face PrivateTest subset (the regression test's reference): accuracy "
+                     f"{_pct(results['PrivateTest500/center']['accuracy'])}")
     for key in ("ckplus48/center",):
         if key in results:
-            extra.append(f"- CK+48 cross-dataset accuracy: {_pct(results[key]['accuracy'])} "
-                         f"(see results.json for how neutral predictions are counted)")
-    for name, t in results.get("member_training", {}).items():
-        extra.append(f"- `{name}` trained {t.get('train_minutes')} min on {t.get('device')}, "
+            r = results[key]
+            extra.append(f"- CK+48 cross-dataset accuracy (6 shared classes, {r.get('n')} faces, contempt left out): "
+                         f"{_pct(r['accuracy'])} counting `neutral` predictions as errors; "
+                         f"{_pct(r.get('accuracy_shared_argmax'))} with the argmax over the shared classes; "
+                         f"{_pct(r.get('accuracy_per_sequence'))} per sequence")
+    for member, t in results.get("member_training", {}).items():
+        extra.append(f"- `{member}` trained {t.get('train_minutes')} min on {t.get('device')}, "
                      f"{t.get('epochs_completed')} epochs; kept epoch {t.get('best_epoch')} (best PublicTest accuracy)")
     if "train_minutes" in results and results.get("epochs_completed") is not None:
         extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
@@ -102,13 +108,13 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
         extra.append(f"- Fusion head fitted on cached member logits; PublicTest accuracy by imbalance handling "
                      f"({trials}); kept `{results.get('head_balance')}`")
     if cfg.get("members"):
-        members = "Members: " + ", ".join(f"`{m['arch']}`" for m in cfg["members"]) + \
+        members = "Members: " + ", ".join(f"`{m['arch']}` (width {m.get('width', 1.0)})" for m in cfg["members"]) + \
             f"; fusion mode `{cfg.get('mode')}` (concatenated member logits -> linear layer).\n\n"
     body = f"""
 # {name}
 
 Facial-expression recognition on 48x48 grayscale faces (FER2013 classes: {", ".join(cfg["class_names"])}).
-Architecture `{cfg["arch"]}`; input {cfg["input_size"]}x{cfg["input_size"]}, {cfg["in_chans"]} channel(s),
+Architecture `{cfg["arch"]}`{f" (width {cfg['width']})" if "width" in cfg else ""}; input {cfg["input_size"]}x{cfg["input_size"]}, {cfg["in_chans"]} channel(s),
 {cfg["crop_size"]}x{cfg["crop_size"]} centre crop (or ten-crop), normalised with mean {cfg["mean"]} / std {cfg["std"]}.
 {members}Checkpoints are selected on FER2013 PublicTest only; PrivateTest is reported once.
 
