@@ -8,7 +8,7 @@ DATA="${DATA:-../shared/data}"; OUT="${OUT:-runs}"; PRESET="${PRESET:-cpu}"
 if [ "$PRESET" = gpu ]; then
   VGG="--width 1.0 --epochs 60 --batch-size 256 --lr 0.1"; CBAM="$VGG"; RES="--width 1.0 --epochs 60 --batch-size 256 --lr 0.1"
 else  # what fits a 2-core CPU in one session (see README: measured numbers and what they cost)
-  VGG="--width 0.5 --epochs 8 --max-minutes 28 --lr 0.05"
+  VGG="--width 0.375 --epochs 12 --max-minutes 30 --lr 0.05"
   CBAM="--width 0.25 --epochs 8 --max-minutes 25 --lr 0.05"
   RES="--width 0.25 --epochs 6 --max-minutes 25 --lr 0.05"
 fi
