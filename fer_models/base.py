@@ -100,6 +100,21 @@ class FERModel(
         """``{name: module}`` that Grad-CAM should hook (the config's ``cam_layer``)."""
         return {self.arch: self.get_submodule(self.cfg["cam_layer"])}
 
+    has_attention = False  # set by backbones built with attention modules
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Backbone forward: logits, or ``(logits, {stage: B x h x w})`` spatial attention maps when asked.
+
+        Backbones define ``forward_features(x, attention=None)`` and ``forward_head``; the fusion model overrides this.
+        """
+        if not return_attention:
+            return self.forward_head(self.forward_features(x))
+        if not self.has_attention:
+            raise ValueError(f"{self.arch} has no attention maps")
+        maps: dict[str, torch.Tensor] = {}
+        logits = self.forward_head(self.forward_features(x, maps))
+        return logits, maps
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -93,15 +93,6 @@ class ResNet(FERModel):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if not return_attention:
-            return self.forward_head(self.forward_features(x))
-        if not self.has_attention:
-            raise ValueError(f"{self.arch} has no attention maps")
-        maps: dict[str, torch.Tensor] = {}
-        logits = self.forward_head(self.forward_features(x, maps))
-        return logits, maps
-
 
 def _resnet(name: str, model_args: dict, **overrides) -> ResNet:
     config = {**model_args, **default_config(arch=name, **overrides)}

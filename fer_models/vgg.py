@@ -90,15 +90,6 @@ class VGG(FERModel):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if not return_attention:
-            return self.forward_head(self.forward_features(x))
-        if not self.has_attention:
-            raise ValueError(f"{self.arch} has no attention maps")
-        maps: dict[str, torch.Tensor] = {}
-        logits = self.forward_head(self.forward_features(x, maps))
-        return logits, maps
-
 
 def _last_relu_before_last_pool(layers: Sequence[Union[int, str]], attention: bool) -> str:
     """Module path of the ReLU ending the last conv block before the last pool."""
