@@ -1,7 +1,6 @@
 """Model cards: Hub metadata (``model-index`` eval results) and a body with the measured results."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 

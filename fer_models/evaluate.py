@@ -23,14 +23,10 @@ import numpy as np
 
 from . import load_model
 from .data import FaceData, load_dataset
-from .metrics import confusion_matrix, format_report, plot_confusion, summarize
+from .metrics import format_report, plot_confusion, score_logits
 from .predict import predict_logits, resolve_device
 
 log = logging.getLogger("fer_models.evaluate")
-
-
-def _score(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
-    return summarize(confusion_matrix(labels, logits.argmax(1), len(class_names)), class_names)
 
 
 def fixed_subset(n_total: int, n: int) -> np.ndarray:
@@ -46,10 +42,10 @@ def evaluate_fer(model, data: FaceData, split: str, tta: str, batch_size: int = 
     if list(part.class_names) != list(model.class_names):
         raise ValueError(f"data classes {part.class_names} differ from the model's {model.class_names}")
     logits, members = predict_logits(model, part.images, tta=tta, batch_size=batch_size, device=device)
-    res = _score(part.labels, logits, model.class_names)
+    res = score_logits(part.labels, logits, model.class_names)
     res.update(split=split, tta=tta, dataset=data.name)
     if members:
-        res["members"] = {k: _score(part.labels, v, model.class_names) for k, v in members.items()}
+        res["members"] = {k: score_logits(part.labels, v, model.class_names) for k, v in members.items()}
     return res
 
 
@@ -60,12 +56,11 @@ def _cross_dataset(labels_ck: np.ndarray, logits: np.ndarray, ck_names: list[str
     keep = np.isin(np.array(ck_names)[labels_ck], shared)
     y = np.array([model_names.index(ck_names[l]) for l in labels_ck[keep]])
     lg = logits[keep]
-    full = summarize(confusion_matrix(y, lg.argmax(1), len(model_names)), model_names)
+    full = score_logits(y, lg, model_names)
     idx = [model_names.index(c) for c in shared]
     restricted = np.array(idx)[lg[:, idx].argmax(1)]
     out = {
-        "accuracy": full["accuracy"], "macro_f1": summarize(
-            confusion_matrix(y, lg.argmax(1), len(model_names)), model_names)["macro_f1"],
+        "accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
         "accuracy_shared_argmax": float((restricted == y).mean()),
         "n": int(keep.sum()), "shared_classes": shared,
         "excluded": {c: int((np.array(ck_names)[labels_ck] == c).sum()) for c in sorted(present - set(shared))},

@@ -41,6 +41,11 @@ def summarize(cm: np.ndarray, class_names: Sequence[str]) -> dict:
     }
 
 
+def score_logits(y_true: np.ndarray, logits: np.ndarray, class_names: Sequence[str]) -> dict:
+    """:func:`summarize` of the argmax predictions of ``logits`` (N x C, any monotone score)."""
+    return summarize(confusion_matrix(y_true, np.asarray(logits).argmax(1), len(class_names)), class_names)
+
+
 def format_confusion(cm: Union[np.ndarray, list], class_names: Sequence[str]) -> str:
     cm = np.asarray(cm)
     w = max(8, max(len(n) for n in class_names) + 1)

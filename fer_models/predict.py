@@ -88,7 +88,3 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(-1, keepdims=True)
-
-
-def maybe_channels_last(model: torch.nn.Module, enabled: Optional[bool]) -> torch.nn.Module:
-    return model.to(memory_format=torch.channels_last) if enabled else model

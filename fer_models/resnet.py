@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ._registry import register_model
 from .attention import CBAM

@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,7 @@ from . import create_model, load_model
 from .base import FERModel
 from .data import FaceData, load_dataset
 from .fusion import FUSION_MODES, FusionModel
-from .metrics import confusion_matrix, summarize
+from .metrics import score_logits
 from .predict import amp_enabled, autocast, predict_logits, resolve_device, softmax
 from .transforms import AugmentConfig, augment_batch, to_float
 
@@ -121,12 +120,11 @@ def _to_device_uint8(data: FaceData, device: torch.device) -> torch.Tensor:
 def evaluate(model: nn.Module, data: FaceData, *, tta: str, device: torch.device, cfg: TrainConfig) -> dict:
     logits, members = predict_logits(model, data.images, tta=tta, batch_size=cfg.eval_batch_size, device=device,
                                      amp=cfg.amp, channels_last=cfg.channels_last)
-    res = summarize(confusion_matrix(data.labels, logits.argmax(1), len(data.class_names)), data.class_names)
+    res = score_logits(data.labels, logits, data.class_names)
     res["tta"] = tta
     if members:
         res["members"] = {
-            k: summarize(confusion_matrix(data.labels, v.argmax(1), len(data.class_names)), data.class_names)
-            for k, v in members.items()
+            k: score_logits(data.labels, v, data.class_names) for k, v in members.items()
         }
     return res
 
@@ -361,8 +359,7 @@ def fit_fusion_head(fusion: FusionModel, cache: dict, cfg: TrainConfig, balance:
             best = (acc, {k: v.clone() for k, v in head.state_dict().items()}, step + 1)
     head.load_state_dict(best[1])
     with torch.no_grad():
-        pub = summarize(confusion_matrix(yp.numpy(), fusion.fuse(xp).argmax(1).numpy(), fusion.num_classes),
-                        fusion.class_names)
+        pub = score_logits(yp.numpy(), fusion.fuse(xp).numpy(), fusion.class_names)
     recall = {c: round(m["recall"], 4) for c, m in pub["per_class"].items()}
     return {"public_acc": best[0], "public_macro_f1": pub["macro_f1"], "public_recall": recall,
             "best_step": best[2], "balance": balance}
@@ -405,12 +402,11 @@ def cached_results(fusion: FusionModel, cache: dict, split: str, tta: str) -> di
     with torch.no_grad():
         fused = fusion.cpu().fuse(member_logits).numpy()
     cls = fusion.class_names
-    res = summarize(confusion_matrix(labels, fused.argmax(1), len(cls)), cls)
+    res = score_logits(labels, fused, cls)
     res["tta"] = tta
-    res["members"] = {n: summarize(confusion_matrix(labels, v.numpy().argmax(1), len(cls)), cls)
-                      for n, v in member_logits.items()}
+    res["members"] = {n: score_logits(labels, v.numpy(), cls) for n, v in member_logits.items()}
     avg = softmax(np.stack([v.numpy() for v in member_logits.values()])).mean(0)
-    res["probability_average_baseline"] = summarize(confusion_matrix(labels, avg.argmax(1), len(cls)), cls)
+    res["probability_average_baseline"] = score_logits(labels, avg, cls)
     return res
 
 
