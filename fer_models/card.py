@@ -91,8 +91,15 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
                          f"{_pct(r.get('accuracy_shared_argmax'))} with the argmax over the shared classes; "
                          f"{_pct(r.get('accuracy_per_sequence'))} per sequence")
     for member, t in results.get("member_training", {}).items():
+        stages = t.get("stages") or []
+        how = ""
+        if len(stages) > 1:
+            how = " in {} runs ({}), each a warm start (`--init-from`) from the previous run's best".format(
+                len(stages), " + ".join(f"{s.get('epochs_completed')} epochs / {s.get('train_minutes')} min"
+                                        for s in stages))
         extra.append(f"- `{member}` trained {t.get('train_minutes')} min on {t.get('device')}, "
-                     f"{t.get('epochs_completed')} epochs; kept epoch {t.get('best_epoch')} (best PublicTest accuracy)")
+                     f"{t.get('epochs_completed')} epochs{how}; kept epoch {t.get('best_epoch')} of the last run "
+                     f"(best PublicTest accuracy)")
     if "train_minutes" in results and results.get("epochs_completed") is not None:
         extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
                      f"epochs completed: {results.get('epochs_completed')}, checkpoint selected on PublicTest "

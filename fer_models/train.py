@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ class TrainConfig:
     max_minutes: Optional[float] = None
     save_every_minutes: float = 5.0  # resumable state written at least this often
     resume: bool = False
+    init_from: Optional[str] = None  # warm start: weights of this checkpoint, fresh optimiser and schedule
     limit: Optional[int] = None      # use only the first N training faces (smoke tests)
     eval_batch_size: int = 512
     save_dtype: str = "float16"      # dtype of the exported weights
@@ -237,6 +238,24 @@ def _log_metrics(run: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
+    """The warm-start model of ``--init-from``: its architecture, width and classes must be the ones asked for."""
+    model = load_model(cfg.init_from)
+    problems = []
+    if model.arch != cfg.arch:
+        problems.append(f"arch {model.arch!r}, not {cfg.arch!r}")
+    if list(model.cfg.get("class_names", class_names)) != list(class_names):
+        problems.append(f"classes {model.cfg.get('class_names')}, not the data's {class_names}")
+    for key in ("width", "dropout"):
+        asked = getattr(cfg, key)
+        if asked is not None and model.cfg.get(key) is not None and abs(float(model.cfg[key]) - asked) > 1e-9:
+            problems.append(f"{key} {model.cfg[key]}, not {asked}")
+    if problems:
+        raise ValueError(f"--init-from {cfg.init_from} does not match this run: " + "; ".join(problems))
+    log.info("warm start from %s", cfg.init_from)
+    return model
+
+
 def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device) -> FERModel:
     train, public = data.get_split("Training"), data.get_split("PublicTest")
     if cfg.limit:
@@ -245,6 +264,8 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
     if cfg.arch.startswith("fusion") and cfg.members:
         members = [load_model(m) for m in cfg.members]
         model: FERModel = FusionModel.from_members(members, mode=cfg.fusion_mode)
+    elif cfg.init_from:
+        model = init_model(cfg, data.class_names)
     else:
         extra = {k: getattr(cfg, k) for k in ("dropout", "width") if getattr(cfg, k) is not None}
         model = create_model(cfg.arch, class_names=data.class_names, **extra)
@@ -365,6 +386,28 @@ def fit_fusion_head(fusion: FusionModel, cache: dict, cfg: TrainConfig, balance:
             "best_step": best[2], "balance": balance}
 
 
+def training_history(checkpoint: Union[str, Path]) -> list[dict]:
+    """The training runs behind a ``<run>/best`` checkpoint, oldest first, following ``--init-from`` warm starts.
+
+    Each run's ``model/results.json`` (written at the end of its training) gives its minutes, epochs and device.
+    """
+    stages: list[dict] = []
+    seen = set()
+    d: Optional[Path] = Path(checkpoint)
+    while d is not None and d.resolve() not in seen and len(stages) < 20:
+        seen.add(d.resolve())
+        rec = d.parent / "model" / "results.json"
+        if not rec.is_file():
+            break
+        r = json.loads(rec.read_text())
+        tc = r.get("train_config") or {}
+        stages.append({"run": str(d.parent), "train_minutes": r.get("train_minutes"),
+                       "epochs_completed": r.get("epochs_completed"), "best_epoch": r.get("best_epoch"),
+                       "device": r.get("device"), "init_from": tc.get("init_from"), "train_config": tc})
+        d = Path(tc["init_from"]) if tc.get("init_from") else None
+    return stages[::-1]
+
+
 def train_fusion_head(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device) -> tuple[FusionModel, dict]:
     if not cfg.members:
         raise ValueError("--arch fusion needs --members dirA,dirB,... (trained member checkpoints)")
@@ -373,11 +416,15 @@ def train_fusion_head(cfg: TrainConfig, data: FaceData, run: Path, device: torch
     cache = cache_member_logits(fusion, data, run, device, cfg)
     info: dict = {"member_dirs": [str(m) for m in cfg.members], "member_training": {}}
     for name, d in zip(fusion.member_names, cfg.members):
-        rec = Path(d).parent / "model" / "results.json"  # written by the member's own training run
-        if rec.is_file():
-            r = json.loads(rec.read_text())
-            info["member_training"][name] = {k: r.get(k) for k in ("train_minutes", "epochs_completed", "best_epoch",
-                                                                   "device", "train_config")}
+        history = training_history(d)
+        if history:
+            last = history[-1]
+            info["member_training"][name] = {
+                "train_minutes": round(sum(h["train_minutes"] or 0 for h in history), 2),
+                "epochs_completed": sum(h["epochs_completed"] or 0 for h in history),
+                "best_epoch": last["best_epoch"], "device": last["device"], "train_config": last["train_config"],
+                "stages": [{k: v for k, v in h.items() if k != "train_config"} for h in history],
+            }
     if cfg.fusion_mode == "concat_linear":
         # Imbalance handling measured on the head, where a comparison costs seconds: keep the better on PublicTest.
         trials = {}
@@ -443,6 +490,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this much training time")
     p.add_argument("--save-every-minutes", type=float, default=d.save_every_minutes)
     p.add_argument("--resume", action="store_true", help="continue from <output>/state.safetensors")
+    p.add_argument("--init-from", default=None,
+                   help="warm start from this checkpoint's weights (new optimiser and LR schedule); same arch/width")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training faces (smoke tests)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--save-dtype", choices=["float16", "float32", "bfloat16"], default=d.save_dtype)

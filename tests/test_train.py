@@ -7,6 +7,7 @@ import torch
 
 import fer_models as fm
 from fer_models import evaluate, train
+from fer_models.card import write_model_card
 from fer_models.train import class_weights, lr_at, TrainConfig
 
 
@@ -65,6 +66,33 @@ def test_training_learns_the_toy_task(synthetic_csv, tmp_path, monkeypatch):
                            "--no-crop", "--skip-final-eval"))
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["best_public_acc"] > 0.5  # chance is 1/7
+
+
+def test_init_from_warm_starts_and_rejects_a_mismatch(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    quick = ("--rotation", "0", "--scale", "0", "--no-crop", "--skip-final-eval")
+    train.main(_args(synthetic_csv, tmp_path / "a", "--epochs", "6", *quick))
+    first = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    # one epoch at a tiny LR from the trained weights starts where the first run ended, not from chance
+    train.main(_args(synthetic_csv, tmp_path / "b", "--epochs", "1", "--lr", "1e-4",
+                     "--init-from", str(tmp_path / "a" / "best"), *quick))
+    second = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert first[-1]["best_public_acc"] > 0.5
+    assert second[0]["public_acc"] >= first[-1]["best_public_acc"] - 0.1
+    assert json.loads((tmp_path / "b" / "train_config.json").read_text())["init_from"].endswith("best")
+    # the history behind the warm-started checkpoint follows --init-from back to the first run
+    history = train.training_history(tmp_path / "b" / "best")
+    assert [h["epochs_completed"] for h in history] == [6, 1] and history[1]["init_from"] == history[0]["run"] + "/best"
+    cfg = fm.load_model(tmp_path / "b" / "best").cfg
+    card = write_model_card(tmp_path / "card", cfg, {"member_training": {"vgg_tiny": {
+        "train_minutes": 1.5, "epochs_completed": 7, "best_epoch": 1, "device": "cpu", "stages": history}}})
+    assert "in 2 runs (6 epochs" in card.text and "kept epoch 1 of the last run" in card.text
+    with pytest.raises(ValueError, match="does not match"):
+        train.main(_args(synthetic_csv, tmp_path / "c", "--epochs", "1", "--width", "2",
+                         "--init-from", str(tmp_path / "a" / "best"), *quick))
+    with pytest.raises(ValueError, match="arch 'vgg_tiny', not 'resnet_tiny'"):
+        train.main(["--arch", "resnet_tiny", *_args(synthetic_csv, tmp_path / "d", "--epochs", "1",
+                                                     "--init-from", str(tmp_path / "a" / "best"), *quick)[2:]])
 
 
 def test_time_budget_stops_cleanly_with_a_usable_checkpoint(synthetic_csv, tmp_path, monkeypatch):
