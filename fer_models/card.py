@@ -94,7 +94,7 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
         stages = t.get("stages") or []
         how = ""
         if len(stages) > 1:
-            how = " in {} runs ({}), each a warm start (`--init-from`) from the previous run's best".format(
+            how = " in {} runs ({}), each later run a warm start (`--init-from`) from the previous run's best".format(
                 len(stages), " + ".join(f"{s.get('epochs_completed')} epochs / {s.get('train_minutes')} min"
                                         for s in stages))
         extra.append(f"- `{member}` trained {t.get('train_minutes')} min on {t.get('device')}, "

@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# Train the three backbones and the fusion head, then evaluate and install the result in checkpoints/.
+# Train the three backbones and the fusion head, then evaluate; the candidate lands in $OUT/fusion/model.
 #   DATA=../shared/data OUT=runs bash scripts/train_all.sh            # the CPU recipe that made checkpoints/
 #   PRESET=gpu DATA=... OUT=... bash scripts/train_all.sh              # full-width models, long schedules (GPU)
+# Every stage is resumable (--resume): rerun the same command after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"; OUT="${OUT:-runs}"; PRESET="${PRESET:-cpu}"
+train() { python -m fer_models.train --data "$DATA" --skip-final-eval --resume "$@"; }
 if [ "$PRESET" = gpu ]; then
-  VGG="--width 1.0 --epochs 60 --batch-size 256 --lr 0.1"; CBAM="$VGG"; RES="--width 1.0 --epochs 60 --batch-size 256 --lr 0.1"
-else  # what fits a 2-core CPU in one session (see README: measured numbers and what they cost)
-  VGG="--width 0.375 --epochs 12 --max-minutes 30 --lr 0.05"
-  CBAM="--width 0.25 --epochs 8 --max-minutes 25 --lr 0.05"
-  RES="--width 0.25 --epochs 6 --max-minutes 25 --lr 0.05"
+  GPU="--width 1.0 --epochs 60 --batch-size 256 --lr 0.1"
+  train --arch vgg19 $GPU --dropout 0.2 --output "$OUT/vgg19"
+  train --arch vgg19_cbam $GPU --dropout 0.2 --output "$OUT/vgg19_cbam"
+  train --arch resnet18 $GPU --output "$OUT/resnet18"
+  VGG="$OUT/vgg19"; RES="$OUT/resnet18"; CBAM="$OUT/vgg19_cbam"
+else
+  # What fits a 2-core CPU (no AMX) across two sessions: a first run per member (session 1), then a warm start
+  # from its PublicTest-best weights with a fresh SGD cosine schedule from lr 0.02 over a time budget (session 2).
+  train --arch vgg19 --width 0.375 --dropout 0.2 --epochs 12 --max-minutes 30 --lr 0.05 --output "$OUT/vgg19"
+  train --arch vgg19_cbam --width 0.25 --dropout 0.2 --epochs 8 --max-minutes 25 --lr 0.05 --output "$OUT/vgg19_cbam"
+  train --arch resnet18 --width 0.25 --epochs 10 --max-minutes 17 --lr 0.05 --output "$OUT/resnet18"
+  S2="--epochs 40 --lr 0.02 --warmup 0.03"
+  train --arch vgg19_cbam --width 0.25 $S2 --max-minutes 32 --init-from "$OUT/vgg19_cbam/best" --output "$OUT/vgg19_cbam_s2"
+  train --arch resnet18 --width 0.25 $S2 --max-minutes 34 --init-from "$OUT/resnet18/best" --output "$OUT/resnet18_s2"
+  train --arch vgg19 --width 0.375 $S2 --max-minutes 36 --init-from "$OUT/vgg19/best" --output "$OUT/vgg19_s2"
+  # resnet18 was the one member still below 67% ten-crop: a third, short warm start (kept: fusion PublicTest 67.48% vs
+  # 67.01% with resnet18_s2; chosen on PublicTest only)
+  train --arch resnet18 --width 0.25 --epochs 40 --lr 0.01 --warmup 0.03 --seed 1 --max-minutes 14 \
+    --init-from "$OUT/resnet18_s2/best" --output "$OUT/resnet18_s3"
+  VGG="$OUT/vgg19_s2"; RES="$OUT/resnet18_s3"; CBAM="$OUT/vgg19_cbam_s2"
 fi
-python -m fer_models.train --arch vgg19 $VGG --dropout 0.2 --data "$DATA" --output "$OUT/vgg19" --skip-final-eval --resume
-python -m fer_models.train --arch vgg19_cbam $CBAM --dropout 0.2 --data "$DATA" --output "$OUT/vgg19_cbam" --skip-final-eval --resume
-python -m fer_models.train --arch resnet18 $RES --data "$DATA" --output "$OUT/resnet18" --skip-final-eval --resume
-python -m fer_models.train --arch fusion --members "$OUT/vgg19/best,$OUT/resnet18/best,$OUT/vgg19_cbam/best" \
-  --data "$DATA" --output "$OUT/fusion" --head-train-faces 8000
+python -m fer_models.train --arch fusion --members "$VGG/best,$RES/best,$CBAM/best" \
+  --data "$DATA" --output "$OUT/fusion" --head-train-faces 8000 --resume
 M="$OUT/fusion/model"
 python -m fer_models.evaluate "$M" --data "$DATA/ckplus48" --update-card
 python -m fer_models.evaluate "$M" --data "$DATA" --split PrivateTest --subset 500 --update-card
