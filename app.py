@@ -62,9 +62,9 @@ Upload a photo, take a webcam snapshot or upload a short video clip. Every face 
 into the FER2013 expressions by three CNN backbones (VGG19, ResNet18 and a CBAM attention network), whose votes
 a learned **fusion** layer combines. For each face you see the fused probabilities, each backbone's vote beside
 them, Grad-CAM heatmaps of every backbone and of the fused decision, and the attention maps.
-Read the heatmaps with care: on FER2013 test faces, Grad-CAM (the default, and the only method whose maps change
-when the weights are re-initialised) removes the evidence better than random but not better than a plain
-centre blob for the fused decision (see the README's faithfulness table).
+Read the heatmaps with care: on FER2013 test faces, Grad-CAM (the default, and the method whose maps depend most
+on the learned weights) removes the evidence better than random but not better than a plain centre blob for the
+fused decision (see the README's faithfulness table).
 """
 PREDICTED = "predicted class"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "fer_app_outputs"
