@@ -292,8 +292,11 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         log.info("resumed from %s at epoch %d step %d (%.1f min trained)", run, progress["epoch"] + 1,
                  progress["step_in_epoch"], progress["elapsed_s"] / 60)
 
+    last_save = [time.time()]
+
     def checkpoint():
         save_state(run, model, opt, progress)
+        last_save[0] = time.time()
 
     log.info("training %s: %d faces, %d steps/epoch, %d epochs planned, budget %s min, device %s", cfg.arch,
              len(train), steps_per_epoch, cfg.epochs, cfg.max_minutes, device)
@@ -319,10 +322,13 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         if stats["finished_epoch"]:
             progress["epoch"] += 1
             progress["step_in_epoch"] = 0
-        checkpoint()
         if stats["stopped_by_budget"] or (budget_s and progress["elapsed_s"] >= budget_s):
             log.info("time budget of %.1f min reached", cfg.max_minutes)
             break
+        # Epoch-end state too is written at most every --save-every-minutes (seconds-long GPU epochs would otherwise
+        # spend as long writing optimizer state as training); the final save below always happens.
+        if time.time() - last_save[0] > cfg.save_every_minutes * 60:
+            checkpoint()
     progress["done"] = True
     checkpoint()
     return load_model(run / "best", device=device)
@@ -524,6 +530,8 @@ def main(argv: Optional[list] = None) -> dict:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     run = Path(cfg.output)
     run.mkdir(parents=True, exist_ok=True)
     if not cfg.resume and (run / "metrics.jsonl").exists():
