@@ -1,6 +1,8 @@
-"""Classification metrics from a confusion matrix: accuracy, per-class precision/recall/F1, macro-F1."""
+"""Classification metrics from a confusion matrix: accuracy, per-class precision/recall/F1, macro-F1; and an
+exact paired test for comparing two models on the same samples."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -44,6 +46,21 @@ def summarize(cm: np.ndarray, class_names: Sequence[str]) -> dict:
 def score_logits(y_true: np.ndarray, logits: np.ndarray, class_names: Sequence[str]) -> dict:
     """:func:`summarize` of the argmax predictions of ``logits`` (N x C, any monotone score)."""
     return summarize(confusion_matrix(y_true, np.asarray(logits).argmax(1), len(class_names)), class_names)
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Exact two-sided McNemar test of two models scored on the same samples (boolean "was right" arrays).
+
+    Only the discordant samples count: ``only_a`` right where b was wrong, ``only_b`` the reverse. Under the null
+    (equal accuracy) they split like fair coin flips, so p is the two-sided binomial tail of the smaller count.
+    """
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same samples: shapes {a.shape} and {b.shape}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p_value": min(1.0, 2 * tail)}
 
 
 def format_confusion(cm: Union[np.ndarray, list], class_names: Sequence[str]) -> str:

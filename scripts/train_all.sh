@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the three backbones and the fusion head, then evaluate; the candidate lands in $OUT/fusion/model.
-#   DATA=../shared/data OUT=runs bash scripts/train_all.sh            # the CPU recipe that made checkpoints/
-#   PRESET=gpu DATA=... OUT=... bash scripts/train_all.sh              # one GPU: width 0.75, 6-minute budgets
+#   PRESET=gpu DATA=... OUT=... bash scripts/train_all.sh              # one GPU: what made checkpoints/ (H200)
+#   DATA=../shared/data OUT=runs bash scripts/train_all.sh            # the CPU recipe of the previous checkpoint
 #     (WIDTH, EPOCHS, MINUTES override; EXTRA/FUSION_EXTRA add flags, e.g. EXTRA="--limit 512" for a smoke run)
 # Every stage is resumable (--resume): rerun the same command after an interruption.
 set -euo pipefail
@@ -23,7 +23,8 @@ if [ "$PRESET" = gpu ]; then
   tail -n 3 "$OUT"/*.log
   VGG="$OUT/vgg19"; RES="$OUT/resnet18"; CBAM="$OUT/vgg19_cbam"
 else
-  # What fits a 2-core CPU (no AMX) across two sessions: a first run per member (session 1), then a warm start
+  # The previous, CPU-trained checkpoint (fusion 69.6% ten-crop). What fits a 2-core CPU (no AMX) across two
+  # sessions: a first run per member (session 1), then a warm start
   # from its PublicTest-best weights with a fresh SGD cosine schedule from lr 0.02 over a time budget (session 2).
   train --arch vgg19 --width 0.375 --dropout 0.2 --epochs 12 --max-minutes 30 --lr 0.05 --output "$OUT/vgg19"
   train --arch vgg19_cbam --width 0.25 --dropout 0.2 --epochs 8 --max-minutes 25 --lr 0.05 --output "$OUT/vgg19_cbam"

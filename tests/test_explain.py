@@ -391,3 +391,17 @@ def test_randomization_tells_trained_from_reinitialised(trained):
         assert np.nanmean(faithfulness.spearman_rows(exp.heatmaps[name][crop], same.heatmaps[name][crop])) > 0.999
         rho = np.nanmean(faithfulness.spearman_rows(exp.heatmaps[name][crop], fresh.heatmaps[name][crop]))
         assert rho < 0.5, f"{name}: trained and re-initialised maps correlate (rho {rho:.2f})"
+
+
+def test_recommend_method_needs_the_prior_beaten_and_weight_dependent_maps():
+    from explain.faithfulness import recommend_method
+
+    res = {"random": {"road": 0.0}, "centre": {"road": 0.15},
+           "anti": {"road": 0.30, "randomization_spearman": -0.6},   # inverted copy of the input structure
+           "ok": {"road": 0.20, "randomization_spearman": 0.1},
+           "copy": {"road": 0.40, "randomization_spearman": 0.7},
+           "unmeasured": {"road": 0.18}}
+    assert recommend_method(res, ["anti", "ok", "copy", "unmeasured"]) == "ok"
+    res["ok"]["road"] = 0.1   # below the centre prior
+    assert recommend_method(res, ["anti", "ok", "copy", "unmeasured"]) == "unmeasured"
+    assert recommend_method(res, ["anti", "ok", "copy"]) is None
