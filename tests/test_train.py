@@ -133,3 +133,47 @@ def test_class_weights_and_schedule():
     assert w.mean().item() == pytest.approx(1.0) and w[0] > w[2] > w[1]
     cfg = TrainConfig(lr=0.1, warmup=0.1)
     assert lr_at(cfg, 0.0) == 0 and lr_at(cfg, 0.1) == pytest.approx(0.1) and lr_at(cfg, 1.0) == pytest.approx(0)
+
+
+def test_gpu_lease_script_end_to_end_on_cpu(synthetic_csv, tmp_path):
+    """scripts/gpu_lease.sh (train_all.sh PRESET=gpu: three members at once, fusion, CK+ and subset evaluation, then
+    packing into parts under 16 MiB) at toy size on CPU: a broken script would waste a scarce GPU lease."""
+    import os
+    import shutil
+    import subprocess
+    import tarfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "fer2013").mkdir(parents=True)
+    shutil.copy(synthetic_csv, data / "fer2013" / "fer2013.csv")
+    rng = np.random.default_rng(1)
+    for cls in ("angry", "happy", "surprise"):
+        (data / "ckplus48" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(
+                data / "ckplus48" / cls / f"S01{i}_001_0000000{i}.png")
+    pack, runs = tmp_path / "pack", tmp_path / "runs"
+    env = {**os.environ, "ALLOW_CPU": "1", "DATA": str(data), "PACK": str(pack), "RUNS": str(runs),
+           "FER_CACHE_DIR": str(tmp_path / "cache"), "WIDTH": "0.125", "EPOCHS": "1", "MINUTES": "1",
+           "EXTRA": "--batch-size 32 --num-threads 1 --device cpu", "FUSION_EXTRA": "--device cpu"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu_lease.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = sorted(pack.glob("fusion_model.tar.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2 ** 20 for p in parts) and (pack / "logs.tgz").is_file()
+    out = tmp_path / "unpacked"
+    (tmp_path / "fusion.tar").write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(tmp_path / "fusion.tar") as tar:
+        tar.extractall(out, filter="data")
+    model = fm.load_model(out / "fusion" / "model")
+    assert model.member_names == ["vgg19", "resnet18", "vgg19_cbam"]
+    assert all(model.members[n].cfg["width"] == 0.125 for n in model.member_names)
+    results = json.loads((out / "fusion" / "model" / "results.json").read_text())
+    assert {"PrivateTest/tencrop", "ckplus48/center", "PrivateTest500/center"} <= set(results)
+    with tarfile.open(pack / "logs.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"vgg19/metrics.jsonl", "resnet18/metrics.jsonl", "vgg19_cbam/metrics.jsonl", "train_all.log"} <= names
