@@ -98,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["center", "tencrop"], default="center")
     p.add_argument("--subset", type=int, default=None,
                    help="score a fixed subset of this many faces spread over the split (recorded as <split><n>)")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=512, help="network inputs per forward (ten-crop: /10 faces)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--png", default=None, help="write the confusion matrix as PNG here")

@@ -51,7 +51,8 @@ def predict_logits(
     """Logits for uint8 ``N x H x W`` (or ``N x C x H x W``) faces already at the model's ``input_size``.
 
     Returns ``(logits, member_logits)``; ``member_logits`` is ``{}`` except for a :class:`FusionModel`.
-    With ``tta="tencrop"`` the logits are averaged over the ten crops.
+    With ``tta="tencrop"`` the logits are averaged over the ten crops. ``batch_size`` counts network inputs (views),
+    so a ten-crop forward holds ``batch_size // 10`` faces: 5,120-view forwards ran 24% slower on a 2-core CPU.
     """
     spec = model.input_spec()
     dev = next(model.parameters()).device if device is None else resolve_device(device)
@@ -64,8 +65,9 @@ def predict_logits(
         raise ValueError(f"faces are {tuple(x_all.shape[-2:])}, model expects {spec['input_size']} px")
     out: list[torch.Tensor] = []
     members: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, len(x_all), batch_size):
-        x = to_float(x_all[i:i + batch_size].to(dev), spec["mean"], spec["std"])
+    step = max(1, batch_size // (10 if tta == "tencrop" else 1))
+    for i in range(0, len(x_all), step):
+        x = to_float(x_all[i:i + step].to(dev), spec["mean"], spec["std"])
         views = crop_views(x, spec["crop_size"], tta)
         if tta == "center":
             views = views.unsqueeze(0)

@@ -499,7 +499,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None,
                    help="warm start from this checkpoint's weights (new optimiser and LR schedule); same arch/width")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training faces (smoke tests)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="network inputs per evaluation forward (ten-crop: /10 faces)")
     p.add_argument("--save-dtype", choices=["float16", "float32", "bfloat16"], default=d.save_dtype)
     p.add_argument("--members", default="", help="comma-separated member checkpoint dirs (fusion)")
     p.add_argument("--fusion-mode", choices=FUSION_MODES, default=d.fusion_mode)
