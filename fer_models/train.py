@@ -238,6 +238,16 @@ def _log_metrics(run: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _trim_metrics(run: Path, completed_epochs: int) -> None:
+    """On resume, drop the rows of epochs that the saved state does not include (they will be run again)."""
+    path = run / "metrics.jsonl"
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("epoch", 0) <= completed_epochs]
+        if len(keep) != len(rows):
+            path.write_text("".join(r + "\n" for r in keep))
+
+
 def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
     """The warm-start model of ``--init-from``: its architecture, width and classes must be the ones asked for."""
     model = load_model(cfg.init_from)
@@ -289,6 +299,7 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
     progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "elapsed_s": 0.0, "best_acc": -1.0, "best_epoch": -1}
     if cfg.resume and (run / "state.safetensors").is_file():
         progress = load_state(run, model, opt)
+        _trim_metrics(run, progress["epoch"])
         log.info("resumed from %s at epoch %d step %d (%.1f min trained)", run, progress["epoch"] + 1,
                  progress["step_in_epoch"], progress["elapsed_s"] / 60)
 
@@ -311,7 +322,8 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         row = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "stopped_by_budget"},
                "public_acc": pub["accuracy"], "public_macro_f1": pub["macro_f1"],
                "elapsed_min": progress["elapsed_s"] / 60}
-        if pub["accuracy"] > progress["best_acc"]:
+        improved = pub["accuracy"] > progress["best_acc"]
+        if improved:
             progress["best_acc"], progress["best_epoch"] = pub["accuracy"], epoch + 1
             model.save_pretrained(run / "best")  # fp32; selected on PublicTest only
         row["best_public_acc"] = progress["best_acc"]
@@ -325,9 +337,10 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         if stats["stopped_by_budget"] or (budget_s and progress["elapsed_s"] >= budget_s):
             log.info("time budget of %.1f min reached", cfg.max_minutes)
             break
-        # Epoch-end state too is written at most every --save-every-minutes (seconds-long GPU epochs would otherwise
-        # spend as long writing optimizer state as training); the final save below always happens.
-        if time.time() - last_save[0] > cfg.save_every_minutes * 60:
+        # Epoch-end state is written when best/ changed (so a resumed run never overwrites a better best/ from an
+        # older best_acc) and otherwise at most every --save-every-minutes: seconds-long GPU epochs would spend as
+        # long writing optimizer state as training. The final save below always happens.
+        if improved or time.time() - last_save[0] > cfg.save_every_minutes * 60:
             checkpoint()
     progress["done"] = True
     checkpoint()

@@ -44,10 +44,13 @@ def test_one_epoch_then_resume(synthetic_csv, tmp_path, monkeypatch):
     assert 0 <= res["PrivateTest/tencrop"]["accuracy"] <= 1
     assert res["PrivateTest/center"]["n"] == 64
 
-    # resume: continue the same run for a second epoch; the first epoch's row is kept, not redone
+    # resume: continue the same run for a second epoch; the first epoch's row is kept, not redone, and a row logged
+    # after the last saved state (as after a crash) is dropped rather than duplicated
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "stale": True}) + "\n")
     res2 = train.main(_args(synthetic_csv, run, "--epochs", "2", "--resume"))
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2] and not any(r.get("stale") for r in rows)
     assert json.loads((run / "state.json").read_text())["progress"]["epoch"] == 2
     assert res2["epochs_completed"] == 2
 
