@@ -97,9 +97,12 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
             how = " in {} runs ({}), each later run a warm start (`--init-from`) from the previous run's best".format(
                 len(stages), " + ".join(f"{s.get('epochs_completed')} epochs / {s.get('train_minutes')} min"
                                         for s in stages))
+        last_completed = stages[-1].get("epochs_completed") if stages else t.get("epochs_completed")
+        kept = f"kept epoch {t.get('best_epoch')} of the last run"
+        if t.get("best_epoch") is not None and last_completed is not None and t["best_epoch"] > last_completed:
+            kept += ", the partial epoch its time budget cut short"  # epochs_completed counts whole epochs only
         extra.append(f"- `{member}` trained {t.get('train_minutes')} min on {t.get('device')}, "
-                     f"{t.get('epochs_completed')} epochs{how}; kept epoch {t.get('best_epoch')} of the last run "
-                     f"(best PublicTest accuracy)")
+                     f"{t.get('epochs_completed')} epochs{how}; {kept} (best PublicTest accuracy)")
     if "train_minutes" in results and results.get("epochs_completed") is not None:
         extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
                      f"epochs completed: {results.get('epochs_completed')}, checkpoint selected on PublicTest "

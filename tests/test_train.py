@@ -89,7 +89,10 @@ def test_init_from_warm_starts_and_rejects_a_mismatch(synthetic_csv, tmp_path, m
     cfg = fm.load_model(tmp_path / "b" / "best").cfg
     card = write_model_card(tmp_path / "card", cfg, {"member_training": {"vgg_tiny": {
         "train_minutes": 1.5, "epochs_completed": 7, "best_epoch": 1, "device": "cpu", "stages": history}}})
-    assert "in 2 runs (6 epochs" in card.text and "kept epoch 1 of the last run" in card.text
+    assert "in 2 runs (6 epochs" in card.text and "kept epoch 1 of the last run (best" in card.text
+    card = write_model_card(tmp_path / "card2", cfg, {"member_training": {"vgg_tiny": {
+        "train_minutes": 1.5, "epochs_completed": 7, "best_epoch": 2, "device": "cpu", "stages": history}}})
+    assert "kept epoch 2 of the last run, the partial epoch its time budget cut short" in card.text
     with pytest.raises(ValueError, match="does not match"):
         train.main(_args(synthetic_csv, tmp_path / "c", "--epochs", "1", "--width", "2",
                          "--init-from", str(tmp_path / "a" / "best"), *quick))
