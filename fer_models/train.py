@@ -190,7 +190,7 @@ def train_one_epoch(
     steps = n // cfg.batch_size  # drop the last partial batch (BN on tiny batches is noisy)
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    t_epoch, t_last_save = time.time(), time.time()
+    t_epoch = time.time()
     start = progress.get("step_in_epoch", 0)
     bar = tqdm(range(start, steps), desc=f"epoch {epoch + 1}", leave=False, disable=not sys.stderr.isatty(),
                mininterval=2.0)
@@ -225,9 +225,7 @@ def train_one_epoch(
         progress["step_in_epoch"] = step + 1
         progress["elapsed_s"] += time.time() - t0
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}")
-        if time.time() - t_last_save > cfg.save_every_minutes * 60:
-            on_checkpoint()
-            t_last_save = time.time()
+        on_checkpoint()  # writes state only when --save-every-minutes have passed since the last write
     dt = time.time() - t_epoch
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr_at(cfg, frac if steps > start else 1.0),
             "images_per_s": seen / max(dt, 1e-6), "stopped_by_budget": stopped, "finished_epoch": not stopped}
@@ -303,11 +301,14 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         log.info("resumed from %s at epoch %d step %d (%.1f min trained)", run, progress["epoch"] + 1,
                  progress["step_in_epoch"], progress["elapsed_s"] / 60)
 
-    last_save = [time.time()]
+    last_save = time.time()
 
-    def checkpoint():
-        save_state(run, model, opt, progress)
-        last_save[0] = time.time()
+    def checkpoint(force: bool = False):
+        """Write the resumable state if forced or --save-every-minutes have passed since the last write."""
+        nonlocal last_save
+        if force or time.time() - last_save > cfg.save_every_minutes * 60:
+            save_state(run, model, opt, progress)
+            last_save = time.time()
 
     log.info("training %s: %d faces, %d steps/epoch, %d epochs planned, budget %s min, device %s", cfg.arch,
              len(train), steps_per_epoch, cfg.epochs, cfg.max_minutes, device)
@@ -340,10 +341,9 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         # Epoch-end state is written when best/ changed (so a resumed run never overwrites a better best/ from an
         # older best_acc) and otherwise at most every --save-every-minutes: seconds-long GPU epochs would spend as
         # long writing optimizer state as training. The final save below always happens.
-        if improved or time.time() - last_save[0] > cfg.save_every_minutes * 60:
-            checkpoint()
+        checkpoint(force=improved)
     progress["done"] = True
-    checkpoint()
+    checkpoint(force=True)
     return load_model(run / "best", device=device)
 
 
