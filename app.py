@@ -1,6 +1,6 @@
 """Facial expression recognition demo: images, webcam snapshots and video clips (Gradio).
 
-UI only: the pipeline (faces -> crops -> backbones -> fusion) is ``fer_models.inference`` / ``fer_models.video``
+UI only: the pipeline (faces -> crops -> backbones -> fusion) is ``fer_models.pipeline``
 and the explanations are ``explain``; this file lays out components and renders their result objects.
 
     python app.py [--model-repo USER/REPO] [--checkpoint-dir checkpoints] [--port 7860]
@@ -31,12 +31,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from explain import DEFAULT_METHOD, METHODS, Explainer
-from fer_models.faces import DEFAULT_DETECTOR, DETECTORS
-from fer_models.inference import (
+from fer_models.pipeline.faces import DEFAULT_DETECTOR, DETECTORS
+from fer_models.pipeline import (
     DEFAULT_CHECKPOINT_DIR, ENV_MODEL_REPO, MAX_IMAGE_PIXELS, FacePredictor, ImageAnalysis, InputError,
     ModelLoadError, annotate, class_color, get_predictor,
 )
-from fer_models.video import DEFAULT_SAMPLE_FPS, MAX_SECONDS, VideoAnalysis, analyze_video, read_frame_at
+from fer_models.pipeline.video import DEFAULT_SAMPLE_FPS, MAX_SECONDS, VideoAnalysis, analyze_video, read_frame_at
 
 try:  # explain.overlay renders heatmaps the same way everywhere; the fallback keeps the app usable without it
     from explain.overlay import overlay_on_face as _overlay_on_face

@@ -25,8 +25,8 @@ from skimage import data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fer_models as fm  # noqa: E402
-from fer_models.inference import FacePredictor, load_model_with_fallback  # noqa: E402
-from fer_models.video import analyze_video  # noqa: E402
+from fer_models.pipeline import FacePredictor, load_model_with_fallback  # noqa: E402
+from fer_models.pipeline.video import analyze_video  # noqa: E402
 
 
 def photo_640x480() -> np.ndarray:

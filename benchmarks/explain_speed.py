@@ -24,7 +24,7 @@ import torch
 
 import fer_models as fm
 from explain import METHODS, Explainer
-from fer_models.transforms import prepare_faces
+from fer_models.models.preprocess import prepare_faces
 
 
 def median_ms(fn, repeats: int, warmup: int) -> float:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fer_models.faces import create_detector, detect_faces  # noqa: E402
+from fer_models.pipeline.faces import create_detector, detect_faces  # noqa: E402
 
 
 def variants(rgb: np.ndarray) -> dict[str, tuple[np.ndarray, tuple[float, float, float, float]]]:

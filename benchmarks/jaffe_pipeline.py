@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fer_models.faces import crop_face, detect_faces, get_detector  # noqa: E402
-from fer_models.inference import FacePredictor, load_model_with_fallback  # noqa: E402
-from fer_models.metrics import mcnemar_exact  # noqa: E402
+from fer_models.pipeline.faces import crop_face, detect_faces, get_detector  # noqa: E402
+from fer_models.pipeline import FacePredictor, load_model_with_fallback  # noqa: E402
+from fer_models.training.metrics import mcnemar_exact  # noqa: E402
 
 
 def main() -> None:

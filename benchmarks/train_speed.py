@@ -18,8 +18,9 @@ import torch
 from torch.nn import functional as F
 
 import fer_models as fm
-from fer_models.predict import autocast, resolve_device
-from fer_models.transforms import AugmentConfig, augment_batch, to_float
+from fer_models.models.predict import autocast, resolve_device
+from fer_models.training.augment import AugmentConfig, augment_batch
+from fer_models.models.preprocess import to_float
 
 
 def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: int, mode: str,

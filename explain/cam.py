@@ -45,7 +45,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 
 from fer_models import FERModel, FusionModel
-from fer_models.transforms import prepare_faces
+from fer_models.models.preprocess import prepare_faces
 
 from .geometry import Geometry, probe_geometry, upsample
 

@@ -20,7 +20,7 @@ the explained class is the model's (fused) prediction, as in the app.
     python -m explain.faithfulness --model checkpoints --data ../shared/data \\
         --split PrivateTest --n 500 --out faithfulness.json
 
-``--data`` is anything ``fer_models.data.load_dataset`` reads (e.g. ``../shared/data``), or an ``.npz`` with
+``--data`` is anything ``fer_models.training.data.load_dataset`` reads (e.g. ``../shared/data``), or an ``.npz`` with
 ``images`` (N x 48 x 48 uint8), ``labels`` and optionally ``split`` (strings) and ``class_names``.
 ``--model`` is a checkpoint folder (or, for smoke tests, a registered architecture name, with random weights).
 Cost: per face, ``2 x fractions`` imputations (a sparse solve, ~10 ms) per map and method, and about
@@ -48,7 +48,7 @@ from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 from scipy.stats import rankdata
 
 import fer_models as fm
-from fer_models.transforms import prepare_faces
+from fer_models.models.preprocess import prepare_faces
 
 from .cam import ALIGN, FUSION_COMBINE, METHODS, Explainer
 
@@ -315,7 +315,7 @@ def load_faces(path: str, split: Optional[str], n: int, seed: int = 0):
                 splits = np.asarray(d["split"]).astype(str) if "split" in d else None
                 class_names = [str(c) for c in d["class_names"]] if "class_names" in d else None
     if not plain:
-        from fer_models.data import load_dataset
+        from fer_models.training.data import load_dataset
 
         ds = load_dataset(path)
         images, labels = np.asarray(ds.images), np.asarray(ds.labels).astype(np.int64)
@@ -345,7 +345,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m explain.faithfulness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder (or an architecture name: random weights)")
-    p.add_argument("--data", required=True, help="dataset path for fer_models.data.load_dataset, or an .npz")
+    p.add_argument("--data", required=True, help="dataset path for fer_models.training.data.load_dataset, or an .npz")
     p.add_argument("--split", default="PrivateTest", help="split to sample from; '' for all faces")
     p.add_argument("--n", type=int, default=500, help="faces to evaluate (0: all)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

@@ -1,10 +1,30 @@
-"""FER models: VGG19, ResNet18, ResNet18-CBAM and their fusion, with config-carrying safetensors checkpoints."""
-from ._registry import create_model, is_model, list_models, register_model
-from .base import FER2013_CLASSES, FERModel, default_config, load_model, load_weights
-from . import vgg, resnet, fusion  # noqa: F401  (register the architectures)
-from .fusion import FusionModel, FusionOutput
+"""FER models: VGG19, ResNet18 (+ CBAM attention) and their fusion, with config-carrying safetensors checkpoints.
+
+Three layers, each a subpackage: ``models`` (definitions, preprocessing, Hub I/O), ``training`` (data, augmentation,
+training, evaluation, cards, publishing) and ``pipeline`` (images -> faces -> crops -> predictions, video, batch
+analysis). The model names load eagerly (torch only); the pipeline's names (OpenCV, Pillow) load on first use,
+so ``import fer_models`` stays light.
+"""
+from importlib import import_module
+
+from .models import (
+    FER2013_CLASSES, FERModel, FusionModel, FusionOutput, create_model, default_config, is_model, list_models,
+    load_model, load_weights, register_model,
+)
+
+_LAZY = {
+    "FacePredictor": "pipeline", "ImageAnalysis": "pipeline", "FacePrediction": "pipeline",
+    "BackboneVote": "pipeline", "InputError": "pipeline", "ModelLoadError": "pipeline", "load_image": "pipeline",
+    "load_model_with_fallback": "pipeline", "get_predictor": "pipeline", "analyze_video": "pipeline.video",
+}
 
 __all__ = [
     "FER2013_CLASSES", "FERModel", "FusionModel", "FusionOutput", "create_model", "default_config", "is_model",
-    "list_models", "load_model", "load_weights", "register_model",
+    "list_models", "load_model", "load_weights", "register_model", *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ if [ "$PRESET" = gpu ]; then
   GPU="--width ${WIDTH:-0.75} --epochs ${EPOCHS:-300} --batch-size 256 --lr 0.1 --max-minutes ${MINUTES:-6}"
   GPU="$GPU --save-every-minutes 2 --num-threads 4 ${EXTRA:-}"
   mkdir -p "$OUT"
-  python -c "import sys; from fer_models.data import load_dataset; load_dataset(sys.argv[1])" "$DATA"  # decode once
+  python -c "import sys; from fer_models.training.data import load_dataset; load_dataset(sys.argv[1])" "$DATA"  # decode once
   train --arch vgg19 $GPU --dropout 0.2 --output "$OUT/vgg19" >"$OUT/vgg19.log" 2>&1 & P1=$!
   train --arch vgg19_cbam $GPU --dropout 0.2 --output "$OUT/vgg19_cbam" >"$OUT/vgg19_cbam.log" 2>&1 & P2=$!
   train --arch resnet18 $GPU --output "$OUT/resnet18" >"$OUT/resnet18.log" 2>&1 & P3=$!

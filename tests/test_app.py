@@ -18,7 +18,7 @@ from PIL import Image
 from skimage import data
 
 import fer_models as fm
-from fer_models.inference import FacePredictor, load_model_with_fallback
+from fer_models.pipeline import FacePredictor, load_model_with_fallback
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402

@@ -16,7 +16,7 @@ from PIL import Image
 from skimage import data
 
 import fer_models as fm
-from fer_models.inference import FacePredictor
+from fer_models.pipeline import FacePredictor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fer_models as fm
-from fer_models.evaluate import evaluate_fer
+from fer_models.training.evaluate import evaluate_fer
 
 from conftest import REPO_ROOT
 
@@ -52,7 +52,7 @@ def test_shipped_checkpoint_card_and_results():
 
 
 def test_shipped_accuracy_on_fixed_private_subset(shipped, data_dir):
-    from fer_models.data import load_dataset
+    from fer_models.training.data import load_dataset
 
     recorded = json.loads((CKPT / "results.json").read_text())["PrivateTest500/center"]["accuracy"]
     res = evaluate_fer(shipped, load_dataset(data_dir), "PrivateTest", "center", subset=500)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_models.data import DataFormatError, load_dataset, read_ckplus, read_fer2013_csv, read_image_folder
+from fer_models.training.data import DataFormatError, load_dataset, read_ckplus, read_fer2013_csv, read_image_folder
 
 
 def _csv_rows(n=6, seed=0):

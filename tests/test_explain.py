@@ -16,7 +16,7 @@ import fer_models as fm
 from explain import DEFAULT_METHOD, METHODS, TARGET_FREE_METHODS, Explainer, Explanation
 from explain import faithfulness
 from explain.overlay import colorbar, colorize, overlay_on_face, paste_on_image
-from fer_models.transforms import prepare_faces
+from fer_models.models.preprocess import prepare_faces
 
 TINY = [n for n in fm.list_models() if n.endswith("_tiny")]  # every registered architecture, tiny variant
 SHAPES = {0: (9, 9, 235), 1: (9, 9, 20), 2: (5, 15, 235), 3: (15, 5, 235)}  # h, w, grey level per class

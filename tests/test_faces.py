@@ -1,4 +1,4 @@
-"""Face detectors and cropping (fer_models.faces), on scikit-image's astronaut photo and generated images.
+"""Face detectors and cropping (fer_models.pipeline.faces), on scikit-image's astronaut photo and generated images.
 
 Real-photo detection rate runs on the JAFFE full frames when FER_DATA_DIR points at the shared data.
 """
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from fer_models.faces import (
+from fer_models.pipeline.faces import (
     DETECTORS, FaceBox, create_detector, crop_face, detect_faces, eye_angle, get_detector,
 )
 

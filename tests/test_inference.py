@@ -1,4 +1,4 @@
-"""The image and video pipelines (fer_models.inference, fer_models.video) with a tiny fusion model.
+"""The image and video pipelines (fer_models.pipeline, fer_models.pipeline.video) with a tiny fusion model.
 
 Images are generated in memory or taken from scikit-image (public domain); videos are generated with PyAV.
 """
@@ -16,10 +16,11 @@ from PIL import Image
 from skimage import data
 
 import fer_models as fm
-from fer_models import inference as inf
-from fer_models.faces import FaceBox
-from fer_models.inference import FacePredictor, InputError, ModelLoadError, load_image, load_model_with_fallback
-from fer_models.video import IoUTracker, analyze_video, probe_video, read_frame_at
+from fer_models import pipeline as inf
+from fer_models.pipeline import images, loading
+from fer_models.pipeline.faces import FaceBox
+from fer_models.pipeline import FacePredictor, InputError, ModelLoadError, load_image, load_model_with_fallback
+from fer_models.pipeline.video import IoUTracker, analyze_video, probe_video, read_frame_at
 
 try:
     from explain import Explainer
@@ -113,7 +114,7 @@ def test_load_bad_files(payload, match, tmp_path):
 
 
 def test_load_too_many_pixels(monkeypatch):
-    monkeypatch.setattr(inf, "MAX_IMAGE_PIXELS", 100 * 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(InputError, match="limit"):
         load_image(encode(Image.new("L", (200, 200)), "PNG"))
 
@@ -258,8 +259,8 @@ def test_hub_offline_falls_back_at_once(tmp_path, model, monkeypatch):
 
 def test_unreachable_hub_falls_back_at_once(tmp_path, model, monkeypatch):
     model.save_pretrained(tmp_path)
-    monkeypatch.setattr(inf, "hub_offline", lambda: False)
-    monkeypatch.setattr(inf, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(loading, "hub_offline", lambda: False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=2.0: False)
     t = time.perf_counter()
     m, src = load_model_with_fallback("someone/fer-fusion", tmp_path, device="cpu")
     assert time.perf_counter() - t < 5

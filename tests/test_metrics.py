@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fer_models.metrics import confusion_matrix, format_report, mcnemar_exact, plot_confusion, summarize
+from fer_models.training.metrics import confusion_matrix, format_report, mcnemar_exact, plot_confusion, summarize
 
 
 def test_metrics_on_a_hand_made_confusion():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fer_models as fm
-from fer_models.base import WEIGHTS_NAME
+from fer_models.models.base import WEIGHTS_NAME
 
 TINY = [n for n in fm.list_models() if n.endswith("_tiny")]
 ATTENTION = [n for n in TINY if "cbam" in n]
@@ -25,7 +25,7 @@ def test_unknown_model_lists_known_names():
 
 def test_duplicate_registration_raises():
     with pytest.raises(ValueError, match="already registered"):
-        fm.register_model(fm.vgg.vgg19)
+        fm.register_model(fm.models.vgg.vgg19)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fer_models as fm
-from fer_models import publish
+from fer_models.training import publish
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fer_models as fm
-from fer_models import evaluate, train
-from fer_models.card import write_model_card
-from fer_models.train import class_weights, lr_at, TrainConfig
+from fer_models.training import evaluate, train
+from fer_models.training.card import write_model_card
+from fer_models.training.train import class_weights, lr_at, TrainConfig
 
 
 @pytest.fixture(scope="module")

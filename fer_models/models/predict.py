@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .fusion import FusionModel
-from .transforms import crop_views, to_float
+from .preprocess import crop_views, to_float
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:

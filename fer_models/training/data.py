@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .base import FER2013_CLASSES
+from ..models.base import FER2013_CLASSES
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 
 from .faces import FaceBox, FaceDetector
-from .inference import FacePrediction, FacePredictor, InputError, class_color, draw_boxes
+from .errors import InputError
+from .predictor import FacePredictor
+from .results import FacePrediction, class_color, draw_boxes
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,133 @@
+"""Result objects of the image pipeline (one face's fused prediction and backbone votes, one image's analysis)
+and how they are drawn: the app and the batch CLI render these, never raw tensors."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+from .faces import FaceBox
+
+
+def _probs_dict(names: Sequence[str], p: np.ndarray) -> dict[str, float]:
+    return {n: float(v) for n, v in zip(names, p)}
+
+
+@dataclass
+class BackboneVote:
+    """One backbone's opinion of one face."""
+
+    name: str
+    label: str
+    confidence: float
+    probs: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, "confidence": round(self.confidence, 6),
+                "probs": {k: round(v, 6) for k, v in self.probs.items()}}
+
+
+@dataclass
+class FacePrediction:
+    """The fused prediction for one face, each backbone's vote, and (when computed) its explanations."""
+
+    index: int  # 1-based number drawn on the image
+    box: FaceBox
+    label: str
+    confidence: float
+    probs: dict[str, float]
+    votes: list[BackboneVote]
+    crop: np.ndarray = field(repr=False)  # the aligned face crop given to the model (RGB uint8, square)
+    # "<member>/<layer>" -> input_size x input_size map in [0, 1], aligned with `crop` (the explainer's
+    # receptive-field mapping for explained faces, plain bilinear upsampling of the centre crop otherwise).
+    attention: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # "<member>" and "fusion" -> input_size x input_size Grad-CAM in [0, 1]; None when not explained.
+    heatmaps: Optional[dict[str, np.ndarray]] = field(default=None, repr=False)
+    cam_target: Optional[str] = None
+    whole_image: bool = False
+
+    @property
+    def agreement(self) -> bool:
+        """Whether every backbone's top class is the fused label."""
+        return all(v.label == self.label for v in self.votes)
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index, "box": self.box.to_dict(), "label": self.label,
+            "confidence": round(self.confidence, 6), "probs": {k: round(v, 6) for k, v in self.probs.items()},
+            "backbones": {v.name: v.to_dict() for v in self.votes}, "backbones_agree": self.agreement,
+            "explained": self.heatmaps is not None, "cam_target": self.cam_target, "whole_image": self.whole_image,
+        }
+
+
+@dataclass
+class ImageAnalysis:
+    """Everything found in one image. ``to_json()`` is what the app offers for download."""
+
+    width: int
+    height: int
+    faces: list[FacePrediction]
+    class_names: list[str]
+    backbones: list[str]
+    detector: str
+    tta: str
+    model: str = ""
+    cam_method: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def no_face(self) -> bool:
+        return not self.faces
+
+    def to_dict(self) -> dict:
+        return {
+            "image": {"width": self.width, "height": self.height}, "model": self.model,
+            "class_names": self.class_names, "backbones": self.backbones, "detector": self.detector,
+            "tta": self.tta, "cam_method": self.cam_method, "num_faces": len(self.faces),
+            "faces": [f.to_dict() for f in self.faces], "notes": self.notes,
+            "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+        }
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# One colour per FER2013 class (RGB), so a label reads the same in images, videos and plots.
+CLASS_COLORS = {
+    "angry": (220, 40, 40), "disgust": (120, 160, 20), "fear": (150, 60, 200), "happy": (250, 190, 0),
+    "sad": (40, 110, 220), "surprise": (240, 120, 20), "neutral": (150, 150, 150), "contempt": (140, 90, 60),
+}
+
+
+def class_color(name: str) -> tuple[int, int, int]:
+    return CLASS_COLORS.get(name, (0, 200, 200))
+
+
+def draw_boxes(rgb: np.ndarray, items: Sequence[tuple[FaceBox, str, tuple[int, int, int]]]) -> np.ndarray:
+    """A copy of ``rgb`` with each (box, caption, colour) drawn; line width and text scale follow the image size."""
+    out = np.ascontiguousarray(rgb.copy())
+    h, w = out.shape[:2]
+    thick = max(1, round(max(h, w) / 400))
+    font_scale = max(0.4, max(h, w) / 1200)
+    for box, caption, color in items:
+        p0 = (int(round(box.x0)), int(round(box.y0)))
+        p1 = (int(round(box.x1)) - 1, int(round(box.y1)) - 1)
+        cv2.rectangle(out, p0, p1, color, thick, cv2.LINE_AA)
+        if caption:
+            (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+            ty = p0[1] - 4 if p0[1] - th - base - 4 >= 0 else min(p1[1] + th + 4, h - base)
+            tx = min(max(p0[0], 0), max(w - tw, 0))
+            cv2.rectangle(out, (tx, ty - th - 2), (tx + tw + 2, ty + base), color, -1)
+            text_color = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
+            cv2.putText(out, caption, (tx + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, text_color, thick,
+                        cv2.LINE_AA)
+    return out
+
+
+def annotate(rgb: np.ndarray, faces: Sequence[FacePrediction]) -> np.ndarray:
+    """The image with a numbered box per face: ``#1 happy 93%``."""
+    return draw_boxes(rgb, [(f.box, f"#{f.index} {f.label} {f.confidence:.0%}", class_color(f.label)) for f in faces])
