@@ -6,13 +6,13 @@ from .images import MAX_IMAGE_PIXELS, MAX_WORKING_SIDE, ImageSource, LoadedImage
 from .loading import (
     DEFAULT_CHECKPOINT_DIR, ENV_MODEL_REPO, ModelSource, hub_offline, hub_reachable, load_model_with_fallback,
 )
-from .predictor import FacePredictor, RawPredictions, get_predictor
+from .predictor import DetectedFaces, FacePredictor, RawPredictions, get_predictor
 from .results import BackboneVote, FacePrediction, ImageAnalysis, annotate, class_color, draw_boxes
 
 __all__ = [
-    "BackboneVote", "DEFAULT_CHECKPOINT_DIR", "DEFAULT_DETECTOR", "DETECTORS", "ENV_MODEL_REPO", "FaceBox",
-    "FaceDetector", "FacePrediction", "FacePredictor", "ImageAnalysis", "ImageSource", "InputError", "LoadedImage",
-    "MAX_IMAGE_PIXELS", "MAX_WORKING_SIDE", "ModelLoadError", "ModelSource", "RawPredictions", "annotate",
-    "class_color", "crop_face", "detect_faces", "draw_boxes", "get_detector", "get_predictor", "hub_offline",
-    "hub_reachable", "load_image", "load_model_with_fallback",
+    "BackboneVote", "DEFAULT_CHECKPOINT_DIR", "DEFAULT_DETECTOR", "DETECTORS", "DetectedFaces", "ENV_MODEL_REPO",
+    "FaceBox", "FaceDetector", "FacePrediction", "FacePredictor", "ImageAnalysis", "ImageSource", "InputError",
+    "LoadedImage", "MAX_IMAGE_PIXELS", "MAX_WORKING_SIDE", "ModelLoadError", "ModelSource", "RawPredictions",
+    "annotate", "class_color", "crop_face", "detect_faces", "draw_boxes", "get_detector", "get_predictor",
+    "hub_offline", "hub_reachable", "load_image", "load_model_with_fallback",
 ]

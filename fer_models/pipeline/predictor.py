@@ -27,6 +27,9 @@ from .results import BackboneVote, FacePrediction, ImageAnalysis, _probs_dict
 
 log = logging.getLogger(__name__)
 
+# Said when an image has no face and the whole-image fallback is off (worded for the app, where it is a tick box).
+NO_FACE_NOTE = "No face found. Tick 'classify the whole image as one face' to classify it anyway."
+
 
 def _frame_map(m: torch.Tensor, spec: dict) -> np.ndarray:
     """B x h x w maps on the centre crop -> B x input_size x input_size in [0, 1], aligned with the face crop."""
@@ -48,6 +51,19 @@ class RawPredictions:
     probs: np.ndarray  # B x C fused probabilities
     member_probs: dict[str, np.ndarray]  # member -> B x C
     attention: dict[str, np.ndarray]  # "<member>/<layer>" -> B x input_size x input_size
+
+
+@dataclass
+class DetectedFaces:
+    """One image's faces before classification: what :meth:`FacePredictor.find_faces` hands to ``classify``."""
+
+    rgb: np.ndarray
+    boxes: list[FaceBox]
+    crops: list[np.ndarray]  # one square RGB uint8 crop per box
+    detector: str
+    whole_image: bool  # no face was found and the whole image stands in as one
+    notes: list[str]
+    timings_ms: dict[str, float]
 
 
 class FacePredictor:
@@ -139,7 +155,125 @@ class FacePredictor:
         exp = self._explain(crops, method, target)
         return {k: np.asarray(v, dtype=np.float32) for k, v in exp.heatmaps.items()}
 
-    # --- whole images ---------------------------------------------------------------------------------------
+    # --- whole images: find faces, then classify (and explain) the faces of one or many images at once ----
+    def find_faces(
+        self, rgb: np.ndarray, *, detector: Union[str, FaceDetector, None] = None, whole_image: bool = False,
+        notes: Optional[list[str]] = None,
+    ) -> DetectedFaces:
+        """Detect the faces of an RGB uint8 image and crop them (at most ``max_faces``, the largest)."""
+        notes = list(notes or [])
+        det = self.get_detector(detector)
+        t = time.perf_counter()
+        h, w = rgb.shape[:2]
+        boxes = detect_faces(rgb, det, max_side=self.detect_max_side) if min(h, w) >= 12 else []
+        detect_ms = (time.perf_counter() - t) * 1000
+        is_whole = False
+        if not boxes and whole_image:
+            boxes, is_whole = [FaceBox(0.0, 0.0, float(w), float(h), 1.0)], True
+            notes.append("No face found: the whole image was classified as one face.")
+        elif not boxes:
+            notes.append(NO_FACE_NOTE)
+        if len(boxes) > self.max_faces:
+            notes.append(f"{len(boxes)} faces found; only the {self.max_faces} largest were analysed.")
+            boxes = sorted(sorted(boxes, key=lambda b: -b.area)[: self.max_faces], key=lambda b: (b.x0, b.y0))
+        margin = 0.0 if is_whole else det.crop_margin
+        crops = [crop_face(rgb, b, margin=margin, size=self.crop_px) for b in boxes]
+        return DetectedFaces(rgb, boxes, crops, det.name, is_whole, notes, {"detect": detect_ms})
+
+    def classify(
+        self, images: Sequence[DetectedFaces], *, tta: bool = False, explain: bool = False,
+        cam_method: Optional[str] = None, cam_target: Union[None, int, str] = None,
+        max_explained: Optional[int] = None,
+    ) -> list[ImageAnalysis]:
+        """One :class:`ImageAnalysis` per image: the crops of all ``images`` go through the model in one
+        batched forward pass (and the explained ones through the explainer in one more, or in the same one
+        when every face is explained without TTA). Timings of these shared stages are the whole batch's."""
+        target_idx = self.class_index(cam_target)
+        offsets = np.cumsum([0] + [len(d.crops) for d in images]).tolist()
+        crops = [c for d in images for c in d.crops]
+        explained: list[int] = []  # indices into `crops` of each image's `max_explained` largest faces
+        if explain and self.explainer is not None:
+            k = self.max_explained if max_explained is None else max_explained
+            for d, o in zip(images, offsets):
+                largest = sorted(range(len(d.boxes)), key=lambda j: -d.boxes[j].area)[:k]
+                explained += sorted(o + j for j in largest)
+        raw, exp, timings = None, None, {}
+        if crops:
+            raw, exp, timings = self._predict(crops, explained, tta, cam_method, target_idx)
+        out = []
+        for d, o, o1 in zip(images, offsets, offsets[1:]):
+            faces = [self._face(d, j, raw, o + j) for j in range(len(d.boxes))]
+            notes = list(d.notes)
+            if exp is not None:
+                rows = [(row, i - o) for row, i in enumerate(explained) if o <= i < o1]
+                self._attach_explanations(faces, exp, rows, notes)
+            t = {**d.timings_ms, **timings}
+            t["total"] = sum(t.values())
+            out.append(self._analysis(d, faces, tta, explain, cam_method, notes, t))
+        return out
+
+    def _predict(self, crops, explained, tta, cam_method, target_idx):
+        """``(raw predictions of every crop, the explanation of the `explained` crops or None, timings)``."""
+        t = time.perf_counter()
+        if explained and len(explained) == len(crops) and not tta:
+            # The explainer's own forward pass already gives every probability and attention map: one pass.
+            exp = self._explain(crops, cam_method, target_idx)
+            raw = RawPredictions(np.asarray(exp.probs), {k: np.asarray(v) for k, v in exp.member_probs.items()},
+                                 {k: np.asarray(v) for k, v in exp.attention.items()})
+            return raw, exp, {"classify+explain": (time.perf_counter() - t) * 1000}
+        raw = self.predict_crops(crops, tta=tta)
+        timings = {"classify": (time.perf_counter() - t) * 1000}
+        exp = None
+        if explained:
+            t = time.perf_counter()
+            exp = self._explain([crops[i] for i in explained], cam_method, target_idx)
+            timings["explain"] = (time.perf_counter() - t) * 1000
+        return raw, exp, timings
+
+    def _face(self, d: DetectedFaces, j: int, raw: RawPredictions, i: int) -> FacePrediction:
+        """Face ``j`` of image ``d``, whose predictions are row ``i`` of ``raw``."""
+        p = raw.probs[i]
+        votes = [BackboneVote(name, self.class_names[int(mp.argmax())], float(mp.max()),
+                              _probs_dict(self.class_names, mp))
+                 for name, mp in ((name, raw.member_probs[name][i]) for name in self.backbones)]
+        return FacePrediction(
+            index=j + 1, box=d.boxes[j], label=self.class_names[int(p.argmax())], confidence=float(p.max()),
+            probs=_probs_dict(self.class_names, p), votes=votes, crop=d.crops[j],
+            attention={k: v[i] for k, v in raw.attention.items()}, whole_image=d.whole_image,
+        )
+
+    def _attach_explanations(self, faces: list[FacePrediction], exp, rows: list[tuple[int, int]],
+                             notes: list[str]) -> None:
+        """Give ``faces[j]`` row ``row`` of the explanation ``exp`` for each ``(row, j)``."""
+        for row, j in rows:
+            faces[j].heatmaps = {name: np.asarray(m[row], np.float32) for name, m in exp.heatmaps.items()}
+            # The explainer maps attention onto the face frame through each layer's receptive field;
+            # prefer its maps for the faces it explained, so they line up with the CAMs.
+            faces[j].attention.update({k: np.asarray(v[row], np.float32) for k, v in exp.attention.items()})
+            faces[j].cam_target = self.class_names[int(exp.targets[row])]
+        if 0 < len(rows) < len(faces):
+            numbers = ", ".join(f"#{faces[j].index}" for _, j in rows)
+            notes.append(f"{len(faces)} faces: Grad-CAM computed for the {len(rows)} largest only ({numbers}).")
+
+    def _analysis(self, d: DetectedFaces, faces, tta, explain, cam_method, notes, timings) -> ImageAnalysis:
+        return ImageAnalysis(
+            width=int(d.rgb.shape[1]), height=int(d.rgb.shape[0]), faces=faces, class_names=self.class_names,
+            backbones=self.backbones, detector=d.detector, tta="tencrop" if tta else "center",
+            model=self.source.location, cam_method=(cam_method or "default") if explain else None,
+            notes=notes, timings_ms=timings,
+        )
+
+    def analyze_batch(
+        self, images: Sequence[np.ndarray], *, detector: Union[str, FaceDetector, None] = None,
+        whole_image: bool = False, notes: Optional[Sequence[Optional[list[str]]]] = None, **classify_kw,
+    ) -> list[ImageAnalysis]:
+        """Analyse RGB uint8 arrays: faces found image by image, then all their crops in one forward pass.
+        ``classify_kw``: ``tta``, ``explain``, ``cam_method``, ``cam_target``, ``max_explained``."""
+        notes = list(notes) if notes is not None else [None] * len(images)
+        found = [self.find_faces(rgb, detector=detector, whole_image=whole_image, notes=n)
+                 for rgb, n in zip(images, notes)]
+        return self.classify(found, **classify_kw)
+
     def analyze_array(
         self, rgb: np.ndarray, *, detector: Union[str, FaceDetector, None] = None, tta: bool = False,
         whole_image: bool = False, explain: bool = False, cam_method: Optional[str] = None,
@@ -147,79 +281,10 @@ class FacePredictor:
         notes: Optional[list[str]] = None,
     ) -> ImageAnalysis:
         """Analyse an RGB uint8 array (see :meth:`analyze_image` for the arguments)."""
-        timings: dict[str, float] = {}
-        notes = list(notes or [])
-        det = self.get_detector(detector)
-        target_idx = self.class_index(cam_target)
-        t0 = time.perf_counter()
-        h, w = rgb.shape[:2]
-        boxes = detect_faces(rgb, det, max_side=self.detect_max_side) if min(h, w) >= 12 else []
-        timings["detect"] = (time.perf_counter() - t0) * 1000
-        is_whole = False
-        if not boxes:
-            if not whole_image:
-                notes.append("No face found. Tick 'classify the whole image as one face' to classify it anyway.")
-                return self._analysis(rgb, [], det, tta, explain, cam_method, notes, timings)
-            boxes, is_whole = [FaceBox(0.0, 0.0, float(w), float(h), 1.0)], True
-            notes.append("No face found: the whole image was classified as one face.")
-        if len(boxes) > self.max_faces:
-            notes.append(f"{len(boxes)} faces found; only the {self.max_faces} largest were analysed.")
-            boxes = sorted(sorted(boxes, key=lambda b: -b.area)[: self.max_faces], key=lambda b: (b.x0, b.y0))
-        t = time.perf_counter()
-        margin = 0.0 if is_whole else det.crop_margin
-        crops = [crop_face(rgb, b, margin=margin, size=self.crop_px) for b in boxes]
-        explain_idx: list[int] = []
-        if explain and self.explainer is not None:
-            k = self.max_explained if max_explained is None else max_explained
-            explain_idx = sorted(range(len(boxes)), key=lambda j: -boxes[j].area)[:k]
-        exp = None
-        if explain_idx and len(explain_idx) == len(boxes) and not tta:
-            # The explainer's own forward pass already gives every probability and attention map: one pass.
-            exp, exp_faces = self._explain(crops, cam_method, target_idx), list(range(len(boxes)))
-            raw = RawPredictions(np.asarray(exp.probs), {k: np.asarray(v) for k, v in exp.member_probs.items()},
-                                 {k: np.asarray(v) for k, v in exp.attention.items()})
-            timings["classify+explain"] = (time.perf_counter() - t) * 1000
-        else:
-            raw = self.predict_crops(crops, tta=tta)
-            timings["classify"] = (time.perf_counter() - t) * 1000
-            if explain_idx:
-                t = time.perf_counter()
-                exp, exp_faces = self._explain([crops[j] for j in explain_idx], cam_method, target_idx), explain_idx
-                timings["explain"] = (time.perf_counter() - t) * 1000
-        faces = []
-        for i, (box, crop) in enumerate(zip(boxes, crops)):
-            p = raw.probs[i]
-            votes = []
-            for name in self.backbones:
-                mp = raw.member_probs[name][i]
-                votes.append(BackboneVote(name, self.class_names[int(mp.argmax())], float(mp.max()),
-                                          _probs_dict(self.class_names, mp)))
-            faces.append(FacePrediction(
-                index=i + 1, box=box, label=self.class_names[int(p.argmax())], confidence=float(p.max()),
-                probs=_probs_dict(self.class_names, p), votes=votes, crop=crop,
-                attention={k: v[i] for k, v in raw.attention.items()}, whole_image=is_whole,
-            ))
-        if exp is not None:
-            for row, j in enumerate(exp_faces):
-                faces[j].heatmaps = {name: np.asarray(m[row], np.float32) for name, m in exp.heatmaps.items()}
-                # The explainer maps attention onto the face frame through each layer's receptive field;
-                # prefer its maps for the faces it explained, so they line up with the CAMs.
-                faces[j].attention.update({k: np.asarray(v[row], np.float32) for k, v in exp.attention.items()})
-                faces[j].cam_target = self.class_names[int(exp.targets[row])]
-            if len(explain_idx) < len(faces):
-                numbers = ", ".join(f"#{faces[j].index}" for j in sorted(explain_idx))
-                notes.append(f"{len(faces)} faces: Grad-CAM computed for the {len(explain_idx)} largest only "
-                             f"({numbers}).")
-        timings["total"] = (time.perf_counter() - t0) * 1000
-        return self._analysis(rgb, faces, det, tta, explain, cam_method, notes, timings)
-
-    def _analysis(self, rgb, faces, det, tta, explain, cam_method, notes, timings) -> ImageAnalysis:
-        return ImageAnalysis(
-            width=int(rgb.shape[1]), height=int(rgb.shape[0]), faces=faces, class_names=self.class_names,
-            backbones=self.backbones, detector=det.name, tta="tencrop" if tta else "center",
-            model=self.source.location, cam_method=(cam_method or "default") if explain else None,
-            notes=notes, timings_ms=timings,
-        )
+        return self.analyze_batch(
+            [rgb], detector=detector, whole_image=whole_image, notes=[notes], tta=tta, explain=explain,
+            cam_method=cam_method, cam_target=cam_target, max_explained=max_explained,
+        )[0]
 
     def analyze_image(
         self, image: ImageSource, *, detector: Union[str, FaceDetector, None] = None, tta: bool = False,
@@ -254,7 +319,8 @@ def get_predictor(
     make_explainer: Optional[Callable[[torch.nn.Module], Any]] = None,
 ) -> FacePredictor:
     """The process-wide predictor for these weights, loaded once (thread-safe) and shared by all requests."""
-    key = (repo_id if repo_id is not None else os.environ.get(ENV_MODEL_REPO), str(local_dir), device, detector)
+    key = (repo_id if repo_id is not None else os.environ.get(ENV_MODEL_REPO), str(local_dir), device, detector,
+           make_explainer)
     with _PREDICTORS_LOCK:
         if key not in _PREDICTORS:
             model, source = load_model_with_fallback(repo_id, local_dir, device=device)

@@ -1,5 +1,5 @@
-"""Result objects of the image pipeline (one face's fused prediction and backbone votes, one image's analysis)
-and how they are drawn: the app and the batch CLI render these, never raw tensors."""
+"""Result objects of the image pipeline (one face's fused prediction and backbone votes, one image's analysis),
+how they are drawn, and the flat rows of batch analysis: the app and the batch CLI render these, never tensors."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-from .faces import FaceBox
+from .faces import LANDMARK_NAMES, FaceBox
 
 
 def _probs_dict(names: Sequence[str], p: np.ndarray) -> dict[str, float]:
@@ -131,3 +131,61 @@ def draw_boxes(rgb: np.ndarray, items: Sequence[tuple[FaceBox, str, tuple[int, i
 def annotate(rgb: np.ndarray, faces: Sequence[FacePrediction]) -> np.ndarray:
     """The image with a numbered box per face: ``#1 happy 93%``."""
     return draw_boxes(rgb, [(f.box, f"#{f.index} {f.label} {f.confidence:.0%}", class_color(f.label)) for f in faces])
+
+
+def cam_panel(face: FacePrediction, caption_px: int = 18) -> np.ndarray:
+    """The face crop, then each of its Grad-CAMs (the fused decision's first) blended on it, each captioned: the
+    PNG a batch run writes per explained face. Turbo colours, 0 and 1 fixed, like ``explain.overlay``."""
+    if face.heatmaps is None:
+        raise ValueError("this face has no Grad-CAM maps")
+    crop = face.crop
+    s = crop.shape[0]
+    names = sorted(face.heatmaps, key=lambda n: n != "fusion")
+    tiles = [(crop, f"#{face.index} {face.label}")]
+    for name in names:
+        heat = cv2.resize(np.clip(face.heatmaps[name], 0, 1), (s, s), interpolation=cv2.INTER_LINEAR)
+        color = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1]
+        tiles.append(((0.5 * crop + 0.5 * color).astype(np.uint8), name))
+    out = []
+    for img, caption in tiles:
+        bar = np.full((caption_px, s, 3), 255, np.uint8)
+        cv2.putText(bar, caption[:24], (2, caption_px - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        out.append(np.vstack([bar, img]))
+    return np.hstack(out)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flat rows: one per face (or one per image or frame without faces), for CSV / JSONL / DataFrames
+# ----------------------------------------------------------------------------------------------------------------
+BOX_COLUMNS = ("x0", "y0", "x1", "y1", "det_score")
+LANDMARK_COLUMNS = tuple(f"lm_{n}_{a}" for n in LANDMARK_NAMES for a in "xy")
+
+
+def row_columns(class_names: Sequence[str], backbones: Sequence[str], *, file: bool = True) -> list[str]:
+    """The columns of :func:`face_row` in order (documented in docs/analyze.md)."""
+    return (
+        (["file"] if file else []) + ["frame", "time_s", "track_id", "face", "n_faces", "width", "height"]
+        + list(BOX_COLUMNS) + list(LANDMARK_COLUMNS) + ["whole_image", "label", "confidence"]
+        + [f"p_{c}" for c in class_names]
+        + [col for b in backbones for col in (f"{b}_label", *(f"{b}_p_{c}" for c in class_names))]
+        + ["cam_png", "notes", "error"]
+    )
+
+
+def face_row(face: Optional[FacePrediction], **context) -> dict:
+    """One face as a flat dict (box, landmarks, fused and per-backbone probabilities); ``face=None`` gives the
+    row of an image or frame without faces. ``context`` fills the other columns (file, frame, track_id, ...);
+    columns left out stay missing (None)."""
+    row: dict = dict(context)
+    if face is None:
+        return row
+    b = face.box
+    row.update(face=face.index, x0=round(b.x0, 1), y0=round(b.y0, 1), x1=round(b.x1, 1), y1=round(b.y1, 1),
+               det_score=round(float(b.score), 4), whole_image=face.whole_image, label=face.label,
+               confidence=round(face.confidence, 6))
+    if b.landmarks is not None:
+        row.update({col: round(v, 1) for col, v in zip(LANDMARK_COLUMNS, (v for pt in b.landmarks for v in pt))})
+    row.update({f"p_{c}": round(p, 6) for c, p in face.probs.items()})
+    for v in face.votes:
+        row[f"{v.name}_label"] = v.label
+        row.update({f"{v.name}_p_{c}": round(p, 6) for c, p in v.probs.items()})
+    return row

@@ -23,7 +23,7 @@ import numpy as np
 from .faces import FaceBox, FaceDetector
 from .errors import InputError
 from .predictor import FacePredictor
-from .results import FacePrediction, class_color, draw_boxes
+from .results import FacePrediction, ImageAnalysis, class_color, draw_boxes, face_row, row_columns
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,11 @@ def iter_frames(
 def read_frame_at(path: Union[str, Path], time_s: float) -> tuple[float, np.ndarray]:
     """``(actual_time, rgb)`` of the first frame at or after ``time_s`` (the last frame if it is past the end)."""
     av = _av()
-    probe_video(path)
+    info = probe_video(path)
+    if math.isnan(time_s):
+        raise InputError("The frame time must be a number of seconds.")
+    if info.duration > 0:  # past the end means the last frame; also keeps the seek target within int64
+        time_s = min(time_s, info.duration + 1.0)
     last = None
     try:
         with av.open(str(path)) as c:
@@ -123,7 +127,7 @@ def read_frame_at(path: Union[str, Path], time_s: float) -> tuple[float, np.ndar
             if time_s > 0 and stream.time_base:
                 try:
                     c.seek(int(time_s / stream.time_base), stream=stream, backward=True, any_frame=False)
-                except av.FFmpegError:
+                except (av.FFmpegError, OverflowError):
                     pass
             rate = float(stream.average_rate or 25)
             for i, frame in enumerate(c.decode(stream)):
@@ -149,6 +153,12 @@ class IoUTracker:
         # id -> (last box, samples since seen, velocity in px per sample)
         self._tracks: dict[int, tuple[FaceBox, int, tuple[float, float]]] = {}
         self._next_id = 1
+
+    def seed(self, ids: list[int], boxes: list[FaceBox]) -> None:
+        """Start from known tracks (the last analysed frame of an interrupted run), so ids carry on."""
+        for tid, b in zip(ids, boxes):
+            self._tracks[int(tid)] = (b, 0, (0.0, 0.0))
+            self._next_id = max(self._next_id, int(tid) + 1)
 
     def update(self, boxes: list[FaceBox]) -> list[int]:
         """Track ids for ``boxes`` (in order); unmatched boxes start new tracks."""
@@ -267,18 +277,23 @@ class VideoAnalysis:
                     ps.append([tf.face.probs[c] for c in self.class_names])
         return np.array(ts), np.array(ps).reshape(len(ts), len(self.class_names))
 
+    def rows(self, file: Optional[str] = None) -> list[dict]:
+        """The batch analysis's rows (:func:`~fer_models.pipeline.results.face_row`): one per face per sampled
+        frame, one per sampled frame without faces."""
+        ctx = {} if file is None else {"file": file}
+        out = []
+        for fr in self.frames:
+            frame = {**ctx, "frame": fr.frame_number, "time_s": round(fr.time_s, 3), "n_faces": len(fr.faces),
+                     "width": self.info.width, "height": self.info.height}
+            out += [face_row(tf.face, **frame, track_id=tf.track_id) for tf in fr.faces] or [face_row(None, **frame)]
+        return out
+
     def to_csv(self, path: Union[str, Path]) -> str:
-        """One row per face per sampled frame: time, track, box, fused label and probabilities, votes."""
+        """:meth:`rows` as CSV, with the batch analysis's columns less ``file`` (docs/analyze.md)."""
         with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["frame", "time_s", "track_id", "x0", "y0", "x1", "y1", "label", "confidence"]
-                       + [f"p_{c}" for c in self.class_names] + [f"vote_{b}" for b in self.backbones])
-            for fr in self.frames:
-                for tf in fr.faces:
-                    fc, b = tf.face, tf.face.box
-                    w.writerow([fr.frame_number, f"{fr.time_s:.3f}", tf.track_id, f"{b.x0:.1f}", f"{b.y0:.1f}",
-                                f"{b.x1:.1f}", f"{b.y1:.1f}", fc.label, f"{fc.confidence:.4f}"]
-                               + [f"{fc.probs[c]:.4f}" for c in self.class_names] + [v.label for v in fc.votes])
+            w = csv.DictWriter(f, row_columns(self.class_names, self.backbones, file=False))
+            w.writeheader()
+            w.writerows(self.rows())
         return str(path)
 
     def to_dict(self) -> dict:
@@ -305,19 +320,66 @@ def summarise_tracks(frames: list[FrameResult], class_names: list[str]) -> list[
     return out
 
 
+@dataclass
+class AnalysedFrame:
+    """One sampled frame through the image pipeline, with the track id of each of its faces (in order)."""
+
+    frame_number: int
+    time_s: float
+    rgb: np.ndarray
+    analysis: ImageAnalysis
+    track_ids: list[int]
+
+
+def default_tracker(sample_fps: float) -> IoUTracker:
+    return IoUTracker(max_age=max(2, int(round(2 * sample_fps))))
+
+
+def analyse_frames(
+    predictor: FacePredictor, path: Union[str, Path], *, sample_fps: float = DEFAULT_SAMPLE_FPS,
+    max_seconds: float = MAX_SECONDS, detector: Union[str, FaceDetector, None] = None, batch_size: int = 8,
+    tracker: Optional[IoUTracker] = None, after_frame: int = -1, notes: Optional[list[str]] = None,
+    **classify_kw,
+) -> Iterator[AnalysedFrame]:
+    """The video pipeline shared by :func:`analyze_video` (the app) and ``fer_models.analyze`` (batches):
+    frames sampled at ``sample_fps``, faces found frame by frame, the crops of ``batch_size`` frames classified in
+    one forward pass, then tracked in frame order. Frames numbered up to ``after_frame`` are decoded but not
+    analysed (resuming a run; pass a ``tracker`` seeded with the last analysed frame's faces).
+    ``classify_kw`` goes to :meth:`FacePredictor.classify` (``tta``, ``explain``, ``cam_method``, ...)."""
+    if not 0 < sample_fps <= 30:
+        raise InputError(f"Sample rate must be between 0 and 30 frames per second, got {sample_fps}.")
+    det = predictor.get_detector(detector)
+    tracker = tracker or default_tracker(sample_fps)
+    pending: list[tuple[int, float, np.ndarray]] = []
+    found = []
+
+    def flush() -> Iterator[AnalysedFrame]:
+        for (n, ts, rgb), analysis in zip(pending, predictor.classify(found, **classify_kw)):
+            yield AnalysedFrame(n, ts, rgb, analysis, tracker.update([f.box for f in analysis.faces]))
+        pending.clear()
+        found.clear()
+
+    for n, ts, rgb in iter_frames(path, sample_fps, max_seconds, notes):
+        if n <= after_frame:
+            continue
+        pending.append((n, ts, rgb))
+        found.append(predictor.find_faces(rgb, detector=det))
+        if len(pending) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
 def analyze_video(
     predictor: FacePredictor, path: Union[str, Path], *, sample_fps: float = DEFAULT_SAMPLE_FPS,
     max_seconds: float = MAX_SECONDS, detector: Union[str, FaceDetector, None] = None, tta: bool = False,
-    out_path: Union[str, Path, None] = None, progress: Optional[ProgressFn] = None,
+    out_path: Union[str, Path, None] = None, progress: Optional[ProgressFn] = None, batch_size: int = 8,
 ) -> VideoAnalysis:
     """Analyse a clip: faces in frames sampled at ``sample_fps``, tracked across frames, summarised per track.
 
     Clips longer than ``max_seconds`` are trimmed to their first ``max_seconds`` (with a note). With
     ``out_path`` an annotated H.264 MP4 of the sampled frames is written there. ``progress(fraction, text)``
-    is called after each sampled frame.
+    is called after each sampled frame (in bursts: ``batch_size`` frames share one forward pass).
     """
-    if not 0 < sample_fps <= 30:
-        raise InputError(f"Sample rate must be between 0 and 30 frames per second, got {sample_fps}.")
     t0 = time.perf_counter()
     info = probe_video(path)
     notes: list[str] = []
@@ -326,33 +388,29 @@ def analyze_video(
     span = min(info.duration, max_seconds) if info.duration > 0 else max_seconds
     expected = max(1, int(span * min(sample_fps, info.fps or sample_fps)) + 1)
     det = predictor.get_detector(detector)
-    tracker = IoUTracker(max_age=max(2, int(round(2 * sample_fps))))
     writer: Optional[H264Writer] = None
     frames: list[FrameResult] = []
-    timings = {"decode": 0.0, "analyse": 0.0, "encode": 0.0}
+    timings = {"analyse": 0.0, "encode": 0.0}
     t = time.perf_counter()
     try:
-        for n, ts, rgb in iter_frames(path, sample_fps, max_seconds, notes):
-            timings["decode"] += (time.perf_counter() - t) * 1000
+        for af in analyse_frames(predictor, path, sample_fps=sample_fps, max_seconds=max_seconds, detector=det,
+                                 tta=tta, batch_size=batch_size, notes=notes):
+            timings["analyse"] += (time.perf_counter() - t) * 1000  # decoding, detection and the model
             t = time.perf_counter()
-            analysis = predictor.analyze_array(rgb, detector=det, tta=tta)
-            ids = tracker.update([f.box for f in analysis.faces])
             faces = []
-            for tid, f in zip(ids, analysis.faces):
+            for tid, f in zip(af.track_ids, af.analysis.faces):
                 f.crop, f.attention = np.zeros((0, 0, 3), np.uint8), {}
                 faces.append(TrackedFace(tid, f))
-            frames.append(FrameResult(n, ts, faces))
-            timings["analyse"] += (time.perf_counter() - t) * 1000
-            t = time.perf_counter()
+            frames.append(FrameResult(af.frame_number, af.time_s, faces))
             if out_path is not None:
                 if writer is None:
-                    writer = H264Writer(out_path, rgb.shape[1], rgb.shape[0], sample_fps)
+                    writer = H264Writer(out_path, af.rgb.shape[1], af.rgb.shape[0], sample_fps)
                 items = [(tf.face.box, f"ID{tf.track_id} {tf.face.label} {tf.face.confidence:.0%}",
                           class_color(tf.face.label)) for tf in faces]
-                writer.write(draw_boxes(rgb, items))
+                writer.write(draw_boxes(af.rgb, items))
             timings["encode"] += (time.perf_counter() - t) * 1000
             if progress is not None:
-                progress(min(1.0, len(frames) / expected), f"frame {len(frames)}/{expected} at {ts:.1f} s")
+                progress(min(1.0, len(frames) / expected), f"frame {len(frames)}/{expected} at {af.time_s:.1f} s")
             t = time.perf_counter()
     finally:
         if writer is not None:
