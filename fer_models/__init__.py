@@ -17,14 +17,18 @@ _LAZY = {
     "BackboneVote": "pipeline", "InputError": "pipeline", "ModelLoadError": "pipeline", "load_image": "pipeline",
     "load_model_with_fallback": "pipeline", "get_predictor": "pipeline", "analyze_video": "pipeline.video",
 }
+# Submodules served as attributes: `fer_models.analyze` is the batch CLI module, callable as the analyze() function.
+_LAZY_MODULES = {"analyze"}
 
 __all__ = [
     "FER2013_CLASSES", "FERModel", "FusionModel", "FusionOutput", "create_model", "default_config", "is_model",
-    "list_models", "load_model", "load_weights", "register_model", *_LAZY,
+    "list_models", "load_model", "load_weights", "register_model", *_LAZY, *_LAZY_MODULES,
 ]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _LAZY_MODULES:
+        return import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

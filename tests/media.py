@@ -24,21 +24,32 @@ def faces_image(n: int, face: int = 90, cols: int = 6) -> np.ndarray:
     return canvas
 
 
-def make_video(path, seconds: float = 2.0, fps: int = 10, size=(320, 240), face: bool = True,
-               codec: str = "libx264", container: str = None) -> str:
-    """A face sliding across a grey frame."""
-    f = astronaut_face(100)
+def write_video(path, frames, fps: int = 10, codec: str = "libx264", container: str = None) -> str:
+    """Encode RGB uint8 ``frames`` (all the same even size) with PyAV."""
+    frames = iter(frames)
+    first = next(frames)
     with av.open(str(path), "w", format=container) as c:
         s = c.add_stream(codec, rate=fps)
-        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        n = int(seconds * fps)
-        for i in range(n):
-            frame = np.full((size[1], size[0], 3), 90, np.uint8)
-            if face:
-                x = 10 + int((size[0] - 120) * i / max(n - 1, 1))
-                frame[60:60 + f.shape[0], x:x + f.shape[1]] = f
+        s.width, s.height, s.pix_fmt = first.shape[1], first.shape[0], "yuv420p"
+        for frame in (first, *frames):
             for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
     return str(path)
+
+
+def make_video(path, seconds: float = 2.0, fps: int = 10, size=(320, 240), face: bool = True,
+               codec: str = "libx264", container: str = None) -> str:
+    """A face sliding across a grey frame."""
+    f = astronaut_face(100)
+    n = int(seconds * fps)
+
+    def frame(i: int) -> np.ndarray:
+        out = np.full((size[1], size[0], 3), 90, np.uint8)
+        if face:
+            x = 10 + int((size[0] - 120) * i / max(n - 1, 1))
+            out[60:60 + f.shape[0], x:x + f.shape[1]] = f
+        return out
+
+    return write_video(path, (frame(i) for i in range(n)), fps, codec, container)
