@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import cv2
 import gradio as gr
@@ -70,6 +70,7 @@ PREDICTED = "predicted class"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "fer_app_outputs"
 OUTPUT_MAX_AGE_S = 3600
 DISPLAY_MAX_SIDE = 1280
+EXAMPLES_DIR = Path(__file__).parent / "examples"
 CSS = """
 .prob-table {border-collapse: collapse; font-size: 0.85em; margin-bottom: 1em}
 .prob-table td, .prob-table th {padding: 2px 6px; border: 1px solid #ddd; text-align: left; min-width: 6em}
@@ -264,23 +265,44 @@ def summary_table(va: VideoAnalysis) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=summary_headers(va.class_names))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The app
-# ----------------------------------------------------------------------------------------------------------------
-def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) -> gr.Blocks:
-    """The Gradio app. ``predictor``: a ready FacePredictor (tests), a holder, or None (load on first use)."""
-    holder = predictor if isinstance(predictor, PredictorHolder) else PredictorHolder(predictor)
-    class_choices = [PREDICTED] + _class_names_hint(holder)
+def render_image(analysis: ImageAnalysis, rgb: np.ndarray, pred: FacePredictor) -> tuple:
+    """A photo's or frame's eight outputs: annotated image, status, top label, then :func:`_face_panels`' five."""
+    json_path = _output_path("fer_result.json")
+    Path(json_path).write_text(analysis.to_json())
+    return (
+        _display(annotate(rgb, analysis.faces)), status_markdown(analysis, pred.source.describe()),
+        top_label(analysis), faces_html(analysis), heatmap_gallery(analysis), attention_gallery(analysis),
+        json_path, analysis.to_dict(),
+    )
 
-    def render_image(analysis: ImageAnalysis, rgb: np.ndarray, pred: FacePredictor):
-        json_path = _output_path("fer_result.json")
-        Path(json_path).write_text(analysis.to_json())
-        return (
-            _display(annotate(rgb, analysis.faces)), status_markdown(analysis, pred.source.describe()),
-            top_label(analysis), faces_html(analysis), heatmap_gallery(analysis), attention_gallery(analysis),
-            json_path, analysis.to_dict(),
-        )
 
+def video_status_markdown(va: VideoAnalysis, source_text: str) -> str:
+    n = len(va.tracks)
+    lines = [f"**{len(va.frames)} frames analysed** ({va.sample_fps:g} per second, "
+             f"{va.analysed_seconds:.1f} s of a {va.info.duration:.1f} s {va.info.width}x{va.info.height} "
+             f"{va.info.codec} clip), {n} face track{'s' if n != 1 else ''}, "
+             f"in {va.timings_ms.get('total', 0) / 1000:.1f} s."]
+    lines += [f"- {html.escape(note)}" for note in va.notes]
+    lines.append(f"\n<small>{source_text}</small>")
+    return "\n".join(lines)
+
+
+def _target(cam_target: Optional[str]) -> Optional[str]:
+    return None if cam_target in (None, "", PREDICTED) else cam_target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app: event handlers, then the two tabs' layouts
+# ----------------------------------------------------------------------------------------------------------------
+class Handlers(NamedTuple):
+    analyze_image: Callable
+    analyze_clip: Callable
+    explain_frame: Callable
+    model_info: Callable
+
+
+def make_handlers(holder: PredictorHolder) -> Handlers:
+    """The events' functions; their arguments mirror the UI inputs (closures, so ZeroGPU pickles no object)."""
     @GPU
     @user_errors
     def analyze_image(image, detector, tta, cam_method, cam_target, whole_image):
@@ -288,10 +310,9 @@ def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) ->
         if image is None:
             raise InputError("Please upload an image or take a webcam snapshot first.")
         pred = holder.get()
-        target = None if cam_target in (None, "", PREDICTED) else cam_target
         analysis, rgb = pred.analyze_image(
             image, detector=detector or None, tta=bool(tta), whole_image=bool(whole_image), explain=True,
-            cam_method=cam_method or DEFAULT_METHOD, cam_target=target,
+            cam_method=cam_method or DEFAULT_METHOD, cam_target=_target(cam_target),
         )
         return render_image(analysis, rgb, pred)
 
@@ -303,21 +324,13 @@ def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) ->
             raise InputError("Please upload a video clip first.")
         pred = holder.get()
         progress(0, desc="Reading the video")
-        out_video = _output_path("fer_annotated.mp4")
         va = analyze_video(pred, video, sample_fps=float(sample_fps or DEFAULT_SAMPLE_FPS),
-                           detector=detector or None, tta=bool(tta), out_path=out_video,
+                           detector=detector or None, tta=bool(tta), out_path=_output_path("fer_annotated.mp4"),
                            progress=lambda f, text: progress(f, desc=text))
-        csv_path = va.to_csv(_output_path("fer_frames.csv"))
-        n = len(va.tracks)
-        status = [f"**{len(va.frames)} frames analysed** ({va.sample_fps:g} per second, "
-                  f"{va.analysed_seconds:.1f} s of a {va.info.duration:.1f} s {va.info.width}x{va.info.height} "
-                  f"{va.info.codec} clip), {n} face track{'s' if n != 1 else ''}, "
-                  f"in {va.timings_ms.get('total', 0) / 1000:.1f} s."]
-        status += [f"- {html.escape(note)}" for note in va.notes]
-        status.append(f"\n<small>{pred.source.describe()}</small>")
         last = max(va.analysed_seconds, 0.0)
-        return (va.annotated_path, timeline_figure(va), summary_table(va), csv_path, "\n".join(status),
-                va.to_dict(), gr.update(maximum=max(last, 0.1), value=min(last, last / 2)))
+        return (va.annotated_path, timeline_figure(va), summary_table(va), va.to_csv(_output_path("fer_frames.csv")),
+                video_status_markdown(va, pred.source.describe()), va.to_dict(),
+                gr.update(maximum=max(last, 0.1), value=min(last, last / 2)))
 
     @GPU
     @user_errors
@@ -327,9 +340,8 @@ def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) ->
             raise InputError("Please upload a video clip first.")
         pred = holder.get()
         t, rgb = read_frame_at(video, float(time_s or 0.0))
-        target = None if cam_target in (None, "", PREDICTED) else cam_target
         analysis = pred.analyze_array(rgb, detector=detector or None, explain=True,
-                                      cam_method=cam_method or DEFAULT_METHOD, cam_target=target,
+                                      cam_method=cam_method or DEFAULT_METHOD, cam_target=_target(cam_target),
                                       notes=[f"Frame at {t:.2f} s."])
         return render_image(analysis, rgb, pred)
 
@@ -340,95 +352,104 @@ def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) ->
         except ModelLoadError as e:
             return f"**No model loaded:** {e}"
 
-    detector_choices = list(DETECTORS)
+    return Handlers(analyze_image, analyze_clip, explain_frame, model_info)
+
+
+def _explain_options(class_choices: list[str]) -> tuple[gr.Dropdown, gr.Dropdown]:
+    return (gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Explanation method"),
+            gr.Dropdown(class_choices, value=PREDICTED, allow_custom_value=True, label="Explain which class"))
+
+
+def _face_panels(ids: bool = False) -> list:
+    """Per-face table, Grad-CAM and attention galleries, JSON result: the last five of an image's outputs."""
+    faces = gr.HTML(label="Per face: fusion and each backbone's vote", elem_id="faces-table" if ids else None)
+    with gr.Row():
+        cams = gr.Gallery(label="Grad-CAM: each backbone and the fused decision", columns=5, height=320,
+                          elem_id="cam-gallery" if ids else None)
+        atts = gr.Gallery(label="CBAM spatial attention", columns=4, height=320,
+                          elem_id="attention-gallery" if ids else None)
+    with gr.Row():
+        json_file, json_view = gr.File(label="Result (JSON)"), gr.JSON(label="Result", open=False)
+    return [faces, cams, atts, json_file, json_view]
+
+
+def image_tab(h: Handlers, class_choices: list[str]) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            # image_mode=None: Gradio passes the file through untouched (with "RGB" it would decode and re-encode
+            # every upload, 20000 x 20000 ones included); our loader converts.
+            image_in = tolerant_preprocess(gr.Image(
+                label="Image (upload, webcam or paste)", type="filepath", image_mode=None,
+                sources=["upload", "webcam", "clipboard"], elem_id="image-input"))
+            with gr.Accordion("Options", open=False):
+                detector_in = gr.Radio(list(DETECTORS), value=DEFAULT_DETECTOR, label="Face detector")
+                tta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
+                method_in, target_in = _explain_options(class_choices)
+            whole_in = gr.Checkbox(False, label="If no face is found, classify the whole image as one face")
+            image_btn = gr.Button("Analyse image", variant="primary", elem_id="analyze-image")
+        with gr.Column(scale=2):
+            annotated_out = gr.Image(label="Faces", type="numpy", format="jpeg", elem_id="annotated")
+            status_out = gr.Markdown(elem_id="image-status")
+            label_out = gr.Label(num_top_classes=7, label="Face #1, fused prediction", elem_id="top-label")
+    outputs = [annotated_out, status_out, label_out] + _face_panels(ids=True)
+    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+    if examples:
+        gr.Examples(examples, inputs=image_in, label="Examples (generated or from scikit-image)")
+    image_btn.click(h.analyze_image, [image_in, detector_in, tta_in, method_in, target_in, whole_in], outputs,
+                    api_name="analyze_image", concurrency_id="model")
+
+
+def video_tab(h: Handlers, class_choices: list[str]) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            video_in = gr.Video(label=f"Video clip (mp4, webm, mov, avi; up to {MAX_SECONDS:.0f} s)",
+                                sources=["upload"], format=None, include_audio=True, elem_id="video-input")
+            fps_in = gr.Slider(1, 10, value=DEFAULT_SAMPLE_FPS, step=1, label="Frames analysed per second")
+            detector_in = gr.Radio(list(DETECTORS), value=DEFAULT_DETECTOR, label="Face detector")
+            tta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
+            video_btn = gr.Button("Analyse video", variant="primary", elem_id="analyze-video")
+        with gr.Column(scale=2):
+            video_out = gr.Video(label="Annotated video (H.264)", format=None, elem_id="annotated-video")
+            status_out = gr.Markdown()
+    videos = sorted(str(p) for p in EXAMPLES_DIR.glob("*.mp4"))
+    if videos:
+        gr.Examples(videos, inputs=video_in, label="Example clip (generated)")
+    timeline_out = gr.Plot(label="Emotion timeline per face")
+    summary_out = gr.Dataframe(headers=summary_headers(class_choices[1:]), label="Summary per face",
+                               interactive=False)
+    with gr.Row():
+        csv_out = gr.File(label="Per-frame results (CSV)")
+        json_out = gr.JSON(label="Summary", open=False)
+    gr.Markdown("### Grad-CAM for one frame")
+    with gr.Row():
+        time_in = gr.Slider(0, MAX_SECONDS, value=0, step=0.1, label="Frame time (s)")
+        method_in, target_in = _explain_options(class_choices)
+        frame_btn = gr.Button("Explain this frame")
+    with gr.Row():
+        frame_out = gr.Image(label="Frame", type="numpy", format="jpeg")
+        frame_status_out = gr.Markdown()
+    frame_label_out = gr.Label(num_top_classes=7, label="Face #1, fused prediction")
+    frame_outputs = [frame_out, frame_status_out, frame_label_out] + _face_panels()
+    video_btn.click(h.analyze_clip, [video_in, fps_in, detector_in, tta_in],
+                    [video_out, timeline_out, summary_out, csv_out, status_out, json_out, time_in],
+                    api_name="analyze_video", concurrency_id="model")
+    frame_btn.click(h.explain_frame, [video_in, time_in, detector_in, method_in, target_in], frame_outputs,
+                    api_name="explain_video_frame", concurrency_id="model")
+
+
+def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) -> gr.Blocks:
+    """The Gradio app. ``predictor``: a ready FacePredictor (tests), a holder, or None (load on first use)."""
+    holder = predictor if isinstance(predictor, PredictorHolder) else PredictorHolder(predictor)
+    handlers = make_handlers(holder)
+    class_choices = [PREDICTED] + _class_names_hint(holder)
     with gr.Blocks(title="Facial expression recognition", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
         model_md = gr.Markdown("Loading model information...")
         with gr.Tab("Image or webcam"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    # image_mode=None: Gradio passes the file through untouched (with "RGB" it would decode
-                    # and re-encode every upload, 20000 x 20000 ones included); our loader converts.
-                    image_in = tolerant_preprocess(gr.Image(
-                        label="Image (upload, webcam or paste)", type="filepath", image_mode=None,
-                        sources=["upload", "webcam", "clipboard"], elem_id="image-input"))
-                    with gr.Accordion("Options", open=False):
-                        detector_in = gr.Radio(detector_choices, value=DEFAULT_DETECTOR, label="Face detector")
-                        tta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
-                        method_in = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Explanation method")
-                        target_in = gr.Dropdown(class_choices, value=PREDICTED, allow_custom_value=True,
-                                                label="Explain which class")
-                    whole_in = gr.Checkbox(False, label="If no face is found, classify the whole image as one face")
-                    image_btn = gr.Button("Analyse image", variant="primary", elem_id="analyze-image")
-                with gr.Column(scale=2):
-                    annotated_out = gr.Image(label="Faces", type="numpy", format="jpeg", elem_id="annotated")
-                    status_out = gr.Markdown(elem_id="image-status")
-                    label_out = gr.Label(num_top_classes=7, label="Face #1, fused prediction", elem_id="top-label")
-            faces_out = gr.HTML(label="Per face: fusion and each backbone's vote", elem_id="faces-table")
-            with gr.Row():
-                cam_out = gr.Gallery(label="Grad-CAM: each backbone and the fused decision", columns=5,
-                                     height=320, elem_id="cam-gallery")
-                att_out = gr.Gallery(label="CBAM spatial attention", columns=4, height=320,
-                                     elem_id="attention-gallery")
-            with gr.Row():
-                json_file_out = gr.File(label="Result (JSON)")
-                json_out = gr.JSON(label="Result", open=False)
-            examples = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.jpg"))
-            if examples:
-                gr.Examples(examples, inputs=image_in, label="Examples (generated or from scikit-image)")
-            image_outputs = [annotated_out, status_out, label_out, faces_out, cam_out, att_out, json_file_out,
-                             json_out]
-            image_btn.click(analyze_image, [image_in, detector_in, tta_in, method_in, target_in, whole_in],
-                            image_outputs, api_name="analyze_image", concurrency_id="model")
-
+            image_tab(handlers, class_choices)
         with gr.Tab("Video clip"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    video_in = gr.Video(label=f"Video clip (mp4, webm, mov, avi; up to {MAX_SECONDS:.0f} s)",
-                                        sources=["upload"], format=None, include_audio=True, elem_id="video-input")
-                    fps_in = gr.Slider(1, 10, value=DEFAULT_SAMPLE_FPS, step=1, label="Frames analysed per second")
-                    vdetector_in = gr.Radio(detector_choices, value=DEFAULT_DETECTOR, label="Face detector")
-                    vtta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
-                    video_btn = gr.Button("Analyse video", variant="primary", elem_id="analyze-video")
-                with gr.Column(scale=2):
-                    video_out = gr.Video(label="Annotated video (H.264)", format=None, elem_id="annotated-video")
-                    vstatus_out = gr.Markdown()
-            videos = sorted(str(p) for p in (Path(__file__).parent / "examples").glob("*.mp4"))
-            if videos:
-                gr.Examples(videos, inputs=video_in, label="Example clip (generated)")
-            timeline_out = gr.Plot(label="Emotion timeline per face")
-            summary_out = gr.Dataframe(headers=summary_headers(class_choices[1:]), label="Summary per face",
-                                       interactive=False)
-            with gr.Row():
-                csv_out = gr.File(label="Per-frame results (CSV)")
-                vjson_out = gr.JSON(label="Summary", open=False)
-            gr.Markdown("### Grad-CAM for one frame")
-            with gr.Row():
-                time_in = gr.Slider(0, MAX_SECONDS, value=0, step=0.1, label="Frame time (s)")
-                fmethod_in = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Explanation method")
-                ftarget_in = gr.Dropdown(class_choices, value=PREDICTED, allow_custom_value=True,
-                                         label="Explain which class")
-                frame_btn = gr.Button("Explain this frame")
-            with gr.Row():
-                fannot_out = gr.Image(label="Frame", type="numpy", format="jpeg")
-                fstatus_out = gr.Markdown()
-            flabel_out = gr.Label(num_top_classes=7, label="Face #1, fused prediction")
-            ffaces_out = gr.HTML()
-            with gr.Row():
-                fcam_out = gr.Gallery(label="Grad-CAM", columns=5, height=320)
-                fatt_out = gr.Gallery(label="CBAM spatial attention", columns=4, height=320)
-            with gr.Row():
-                fjson_file_out = gr.File(label="Frame result (JSON)")
-                fjson_out = gr.JSON(label="Frame result", open=False)
-            video_btn.click(
-                analyze_clip, [video_in, fps_in, vdetector_in, vtta_in],
-                [video_out, timeline_out, summary_out, csv_out, vstatus_out, vjson_out, time_in],
-                api_name="analyze_video", concurrency_id="model")
-            frame_btn.click(
-                explain_frame, [video_in, time_in, vdetector_in, fmethod_in, ftarget_in],
-                [fannot_out, fstatus_out, flabel_out, ffaces_out, fcam_out, fatt_out, fjson_file_out, fjson_out],
-                api_name="explain_video_frame", concurrency_id="model")
-        demo.load(model_info, None, model_md, api_name="model_info")
+            video_tab(handlers, class_choices)
+        demo.load(handlers.model_info, None, model_md, api_name="model_info")
     return demo
 
 
