@@ -17,8 +17,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
-# Images above this many pixels are refused before decoding (20000 x 20000 still passes).
+# Images above this many pixels are refused before decoding (20000 x 20000 still passes). Pillow's own bomb
+# check is raised to the same limit, so that this loader, not Pillow's default, decides (and says so clearly).
 MAX_IMAGE_PIXELS = 420_000_000
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, MAX_IMAGE_PIXELS)
+# Deflate never compresses better than 1032:1 and LZW (GIF, TIFF) or RLE (BMP) less well, so at 1 bit per pixel
+# no PNG, GIF, TIFF or BMP file holds more than 8 * 1032 pixels per byte. A larger image declared by a smaller
+# file is a header trick (truncated, or a bomb): refused before its canvas is allocated.
+MAX_PIXELS_PER_BYTE = 8 * 1032
+SIZE_CHECKED_FORMATS = ("PNG", "GIF", "TIFF", "BMP")
 # Decoded images are downscaled to this longer side at once: crops come from it, detection from a smaller copy.
 MAX_WORKING_SIDE = 4096
 
@@ -79,30 +86,44 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     return _array_to_rgb(np.asarray(im.convert("RGB")))  # CMYK, YCbCr, LAB, HSV, 1
 
 
-def _open_pil(source: Union[str, Path, bytes]) -> Image.Image:
+def _open_pil(source: Union[str, Path, bytes]) -> tuple[Image.Image, int]:
+    """``(lazily opened image, file size in bytes)``; nothing is decoded yet."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise InputError(f"File not found: {path.name}")
-        if path.stat().st_size == 0:
-            raise InputError("The file is empty (0 bytes).")
+        nbytes = path.stat().st_size
         fp: Any = path
     else:
-        if len(source) == 0:
-            raise InputError("The file is empty (0 bytes).")
+        nbytes = len(source)
         fp = io.BytesIO(source)
+    if nbytes == 0:
+        raise InputError("The file is empty (0 bytes).")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fp)
+            return Image.open(fp), nbytes
     except Image.DecompressionBombError as e:
-        raise InputError(f"The image is too large to process ({e}).") from e
+        raise InputError(f"The image is too large to process: the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP ({e}).") from e
     except UnidentifiedImageError as e:
         raise InputError(
             "This file is not an image that can be read (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)."
         ) from e
     except OSError as e:
-        raise InputError(f"The image file cannot be read: {e}") from e
+        raise InputError(f"The image file cannot be read (it is probably truncated or corrupt): {e}") from e
+
+
+def _check_declared_size(im: Image.Image, nbytes: int) -> None:
+    """Refuse an image whose declared size its file cannot hold (a header trick), before anything is allocated."""
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"The image is {w} x {h} pixels ({w * h / 1e6:.0f} MP); the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP."
+        )
+    if im.format in SIZE_CHECKED_FORMATS and nbytes and w * h > nbytes * MAX_PIXELS_PER_BYTE:
+        raise InputError(
+            f"The image file is truncated or corrupt: {nbytes} bytes cannot hold the {w} x {h} pixels it declares."
+        )
 
 
 def load_image(source: ImageSource, *, max_side: int = MAX_WORKING_SIDE) -> LoadedImage:
@@ -112,32 +133,33 @@ def load_image(source: ImageSource, *, max_side: int = MAX_WORKING_SIDE) -> Load
         rgb = _array_to_rgb(source)
         size, fmt = (rgb.shape[1], rgb.shape[0]), "array"
     else:
-        im = source if isinstance(source, Image.Image) else _open_pil(source)
+        im, nbytes = (source, 0) if isinstance(source, Image.Image) else _open_pil(source)
         fmt = im.format or ""
         w, h = im.size
         try:
             rotated = im.getexif().get(274, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
         except Exception:
             rotated = False
-        if w * h > MAX_IMAGE_PIXELS:
-            raise InputError(
-                f"The image is {w} x {h} pixels ({w * h / 1e6:.0f} MP); the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP."
-            )
+        _check_declared_size(im, nbytes)
         try:
-            if getattr(im, "n_frames", 1) > 1:
+            # is_animated only looks for a second frame; n_frames would walk all of them (a 10,000-frame GIF).
+            if getattr(im, "is_animated", False):
                 im.seek(0)
                 notes.append("Animated image: the first frame was analysed.")
             if fmt == "JPEG" and max(w, h) > max_side:
                 im.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale: cheap for huge JPEGs
             im.load()
             if max(im.size) > 2 * max_side:
-                # Shrink by an integer factor (box filter) before any mode conversion: a 20000 x 20000 image
-                # is never copied at full size.
-                if im.mode == "1":
-                    im = im.convert("L")
-                elif im.mode not in ("L", "RGB", "RGBA", "LA", "I", "F", "I;16", "CMYK", "YCbCr"):
-                    im = im.convert("RGBA" if im.mode in ("P", "PA") and "transparency" in im.info else "RGB")
-                im = im.reduce(max(1, max(im.size) // max_side))
+                # Shrink by an integer factor before any mode conversion: a 20000 x 20000 image is never copied
+                # at full size. reduce() (a box filter) needs 8-bit bands; palette and 1-bit images are sampled
+                # (resize() is nearest-neighbour for them), which keeps their palette and transparency.
+                f = max(1, max(im.size) // max_side)
+                if im.mode in ("1", "P", "PA"):
+                    im = im.resize((max(1, im.width // f), max(1, im.height // f)))
+                else:
+                    if im.mode not in ("L", "RGB", "RGBA", "LA", "I", "F", "I;16", "CMYK", "YCbCr"):
+                        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                    im = im.reduce(f)
             im = ImageOps.exif_transpose(im) or im
             rgb = _pil_to_rgb(im)
         except InputError:
