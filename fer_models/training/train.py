@@ -35,11 +35,11 @@ from torch.nn import functional as F
 from ..models import create_model, load_model
 from ..models.base import FERModel
 from .data import FaceData, load_dataset
+from .evaluate import evaluate_ckplus
 from ..models.fusion import FUSION_MODES, FusionModel
 from .metrics import score_logits
 from ..models.predict import amp_enabled, autocast, predict_logits, resolve_device, softmax
-from ..models.preprocess import to_float
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig, augment_batch, photometric_batch
 
 log = logging.getLogger("fer_models.train")
 
@@ -64,6 +64,8 @@ class TrainConfig:
     scale: float = 0.1               # augmentation: zoom jitter
     flip: bool = True
     crop: bool = True
+    augment: str = "fer2013"         # preset: fer2013 (geometric only) or real (+ shift, photometric, blur, JPEG, erasing)
+    select_on: str = "public"        # checkpoint selection: public, or public+ckplus48 = (PublicTest + CK+48) / 2
     dropout: Optional[float] = None  # override the architecture's default
     width: Optional[float] = None    # channel width multiplier (1.0 = the published architecture)
     seed: int = 0
@@ -181,7 +183,9 @@ def train_one_epoch(
     from tqdm import tqdm
 
     spec = model.input_spec()
-    aug = AugmentConfig(crop=cfg.crop, flip=cfg.flip, rotation=cfg.rotation, scale=cfg.scale)
+    aug = AugmentConfig.preset(cfg.augment, crop=cfg.crop, flip=cfg.flip, rotation=cfg.rotation, scale=cfg.scale)
+    mean = torch.tensor(spec["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec["std"], device=device).view(1, -1, 1, 1)
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # the epoch's order is reproducible on resume
     n = len(y_train)
     if sample_weight is not None:
@@ -206,8 +210,10 @@ def train_one_epoch(
         for grp in opt.param_groups:
             grp["lr"] = lr
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
-        x = to_float(x_train[idx], spec["mean"], spec["std"])
-        x = augment_batch(x, spec["crop_size"], aug, generator=g)
+        # Geometry on [0, 1] pixels (bilinear + border padding commute with the affine normalisation), then
+        # light/optics/occlusion, then normalise.
+        x = augment_batch(x_train[idx].float() / 255.0, spec["crop_size"], aug, generator=g)
+        x = (photometric_batch(x, aug, generator=g) - mean) / std
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y_train[idx]
@@ -245,6 +251,17 @@ def _trim_metrics(run: Path, completed_epochs: int) -> None:
         keep = [r for r in rows if json.loads(r).get("epoch", 0) <= completed_epochs]
         if len(keep) != len(rows):
             path.write_text("".join(r + "\n" for r in keep))
+
+
+def selection_data(cfg: TrainConfig) -> Optional[FaceData]:
+    """CK+48 for ``--select-on public+ckplus48`` (from ``<data>/ckplus48``), else None. Evaluation data only."""
+    if cfg.select_on == "public":
+        return None
+    root = Path(cfg.data)
+    path = root / "ckplus48" if (root / "ckplus48").is_dir() else root.parent / "ckplus48"
+    if not path.is_dir():
+        raise ValueError(f"--select-on {cfg.select_on} needs CK+48 at {root}/ckplus48 (or beside {root})")
+    return load_dataset(path, kind="ckplus")
 
 
 def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
@@ -295,6 +312,7 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
     total_steps = steps_per_epoch * cfg.epochs
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
 
+    ckplus = selection_data(cfg)
     progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "elapsed_s": 0.0, "best_acc": -1.0, "best_epoch": -1}
     if cfg.resume and (run / "state.safetensors").is_file():
         progress = load_state(run, model, opt)
@@ -320,15 +338,19 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
                                 sample_weight=sample_weight, on_checkpoint=checkpoint)
         t0 = time.time()
         pub = evaluate(model, public, tta="center", device=device, cfg=cfg)
-        progress["elapsed_s"] += time.time() - t0
         row = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "stopped_by_budget"},
-               "public_acc": pub["accuracy"], "public_macro_f1": pub["macro_f1"],
-               "elapsed_min": progress["elapsed_s"] / 60}
-        improved = pub["accuracy"] > progress["best_acc"]
+               "public_acc": pub["accuracy"], "public_macro_f1": pub["macro_f1"]}
+        score = pub["accuracy"]
+        if ckplus is not None:
+            row["ckplus48_acc"] = evaluate_ckplus(model, ckplus, "center", cfg.eval_batch_size, device)["accuracy"]
+            score = (pub["accuracy"] + row["ckplus48_acc"]) / 2
+        progress["elapsed_s"] += time.time() - t0
+        row.update(selection_score=score, elapsed_min=progress["elapsed_s"] / 60)
+        improved = score > progress["best_acc"]
         if improved:
-            progress["best_acc"], progress["best_epoch"] = pub["accuracy"], epoch + 1
-            model.save_pretrained(run / "best")  # fp32; selected on PublicTest only
-        row["best_public_acc"] = progress["best_acc"]
+            progress["best_acc"], progress["best_epoch"] = score, epoch + 1
+            model.save_pretrained(run / "best")  # fp32; selected on PublicTest (+ CK+48) only, never PrivateTest
+        row["best_selection_score"] = progress["best_acc"]
         _log_metrics(run, row)
         log.info("epoch %d  loss %.4f  train_acc %.4f  public_acc %.4f  macro_f1 %.4f  lr %.5f  %.0f img/s  %.1f min",
                  epoch + 1, stats["train_loss"], stats["train_acc"], pub["accuracy"], pub["macro_f1"], stats["lr"],
@@ -500,6 +522,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=d.scale)
     p.add_argument("--no-flip", dest="flip", action="store_false")
     p.add_argument("--no-crop", dest="crop", action="store_false")
+    p.add_argument("--augment", choices=sorted(AugmentConfig.PRESETS), default=d.augment,
+                   help="augmentation preset: fer2013 (crop/flip/rotation/zoom) or real (adds shift, contrast, "
+                        "brightness, gamma, blur, down-up sampling, JPEG, noise, random erasing)")
+    p.add_argument("--select-on", choices=["public", "public+ckplus48"], default=d.select_on,
+                   help="checkpoint selection score: PublicTest accuracy, or its mean with CK+48's (6 shared "
+                        "classes; CK+48 is read from <data>/ckplus48 and never trained on)")
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (default 1.0)")
     p.add_argument("--seed", type=int, default=d.seed)

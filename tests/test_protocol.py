@@ -1,0 +1,63 @@
+"""The real-photo protocol (FER2013 + CK+48 + JAFFE crops + JAFFE full frames) and the real-photo augmentation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fer_models.training import protocol
+from fer_models.training.augment import AugmentConfig, augment_batch, gaussian_blur, photometric_batch
+from fer_models.training.metrics import mcnemar_exact
+from pathlib import Path
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def test_real_preset_changes_pixels_but_keeps_range_and_shape():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 48, 48)
+    y = photometric_batch(x, AugmentConfig.preset("real", contrast=0.5), g)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert (y - x).abs().mean() > 0.02  # it does something
+    assert photometric_batch(x, AugmentConfig.preset("fer2013"), g) is x  # the shipped recipe is untouched
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        AugmentConfig.preset("nope")
+
+
+def test_blur_with_zero_sigma_is_identity_and_blur_smooths():
+    x = torch.rand(3, 1, 20, 20)
+    assert torch.allclose(gaussian_blur(x, torch.zeros(3)), x, atol=1e-5)
+    y = gaussian_blur(x, torch.full((3,), 1.2))
+    assert y.std() < 0.6 * x.std()
+
+
+def test_geometry_on_raw_pixels_matches_geometry_on_normalised_pixels():
+    """Training now warps [0, 1] pixels then normalises; the old order normalised first: same result."""
+    x = torch.rand(8, 1, 48, 48)
+    cfg = AugmentConfig()
+    a = augment_batch((x - 0.5) / 0.25, 44, cfg, torch.Generator().manual_seed(1))
+    b = (augment_batch(x, 44, cfg, torch.Generator().manual_seed(1)) - 0.5) / 0.25
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_format_table_and_paired_tests():
+    a = {"fer2013/PublicTest": {"accuracy": 0.75, "correct": [True, True, True, False]}, "selection_score": 0.7}
+    b = {"fer2013/PublicTest": {"accuracy": 0.25, "correct": [False, False, True, False]}}
+    tests = protocol.paired_tests(a, b)
+    assert tests["fer2013/PublicTest"] == mcnemar_exact(np.array(a["fer2013/PublicTest"]["correct"]),
+                                                        np.array(b["fer2013/PublicTest"]["correct"]))
+    table = protocol.format_table({"new": a, "old": b}, tests)
+    assert "75.00%" in table and "25.00%" in table and "2 / 0" in table
+
+
+@pytest.mark.skipif(not (CKPT / "model.safetensors").is_file(), reason="no shipped checkpoint")
+def test_protocol_cli_on_a_small_subset(data_dir, tmp_path):
+    out = tmp_path / "p.json"
+    res = protocol.main([str(CKPT), "--data", str(data_dir), "--subset", "40", "--out", str(out)])["results"]
+    r = res[str(CKPT)]
+    for row in ("fer2013/PublicTest", "fer2013/PrivateTest", "ckplus48", "jaffe/crops", "jaffe/fullframe"):
+        assert len(r[row]["correct"]) <= 40 and 0 <= r[row]["accuracy"] <= 1
+        assert set(r[row]["members"]) == {"vgg19", "resnet18", "vgg19_cbam"}
+    assert r["fer2013/PublicTest"]["accuracy"] > 0.5  # far above chance (1/7) on FER2013
+    assert r["jaffe/fullframe"]["found"] >= 39  # the detector finds (almost) every JAFFE face
+    assert json.loads(out.read_text())["subset"] == 40
