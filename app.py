@@ -462,10 +462,46 @@ def _class_names_hint(holder: PredictorHolder) -> list[str]:
     return list(FER2013_CLASSES)
 
 
-def launch(demo: gr.Blocks, *, concurrency: int = 2, **kwargs):
-    """Queue with a concurrency limit (bounds memory), upload size limit, then launch."""
-    demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    kwargs.setdefault("max_file_size", "200mb")
+# Overload is refused politely, not by running out of memory: at most QUEUE_MAX_SIZE requests wait (beyond that
+# a client gets "Queue is full" at once), `concurrency` run at a time, and uploads above MAX_FILE_SIZE are refused
+# before they are stored. A waiting request holds only its uploaded file on disk (docs/reliability.md).
+QUEUE_MAX_SIZE = 64
+MAX_FILE_SIZE = "200mb"
+
+
+def _atomic_image_cache() -> None:
+    """Gradio 6.31 writes each image output to a content-hashed cache path in place, so two requests with the
+    same output image (one photo sent twice at once) truncate a file while it is being served: the client gets
+    "peer closed connection" (found by the soak test). Write under a temporary name and rename, as Gradio already
+    does for files in ``save_file_to_cache``; a reader of the old copy keeps reading a complete file."""
+    from gradio import processing_utils as pu
+
+    if getattr(pu.save_pil_to_cache, "atomic", False):
+        return
+
+    def save_pil_to_cache(img, cache_dir, name="image", format="webp"):
+        data = pu.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / pu.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        target = (folder / f"{name}.{format}").resolve()
+        if target.exists():
+            os.utime(target)  # delete_cache ages files by ctime: a copy handed out again is fresh
+        else:
+            fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(staging, target)
+        return str(target)
+
+    save_pil_to_cache.atomic = True
+    pu.save_pil_to_cache = save_pil_to_cache
+
+
+def launch(demo: gr.Blocks, *, concurrency: int = 2, queue_max_size: int = QUEUE_MAX_SIZE, **kwargs):
+    """Queue with a concurrency limit (bounds memory) and a length limit, upload size limit, then launch."""
+    _atomic_image_cache()
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_max_size)
+    kwargs.setdefault("max_file_size", MAX_FILE_SIZE)
     kwargs.setdefault("show_error", True)
     kwargs.setdefault("ssr_mode", False)
     kwargs.setdefault("css", CSS)
@@ -485,6 +521,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--concurrency", type=int, default=2, help="requests processed at once (memory bound)")
+    ap.add_argument("--queue-size", type=int, default=QUEUE_MAX_SIZE,
+                    help="requests that may wait; more are refused with 'Queue is full'")
+    ap.add_argument("--max-file-size", default=MAX_FILE_SIZE, help="largest upload accepted, e.g. 200mb")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     holder = PredictorHolder(repo_id=args.model_repo or None, checkpoint_dir=args.checkpoint_dir,
@@ -494,7 +533,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ModelLoadError as e:
         sys.exit(f"error: {e}")
     log.info("%s", pred.source.describe())
-    launch(build_demo(holder), concurrency=args.concurrency, server_name=args.host, server_port=args.port)
+    launch(build_demo(holder), concurrency=args.concurrency, queue_max_size=args.queue_size,
+           max_file_size=args.max_file_size, server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""Soak test: start ``python app.py`` and hit it with concurrent gradio_client clients for a bounded time.
+
+    python scripts/soak.py --clients 20 --seconds 300 [--checkpoint-dir checkpoints] [--out soak.json]
+
+Each client loops over a mix of requests (photos with Grad-CAM, short clips, explanations of a video frame) until
+the time is up. Reported: requests served, errors (the target is 0; each kind of message is listed), p50/p95
+latency per kind and overall, and the server's resident memory after a warm-up round and at the end (the target:
+growth within ``--rss-bound-mb``). Exits 1 if either target is missed. The media are generated (scikit-image's
+public-domain astronaut), never read from a dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from media import faces_image, make_video  # noqa: E402
+
+MIX = [("photo", 0.6), ("video", 0.2), ("explain", 0.2)]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint_dir: str, port: int, concurrency: int, timeout: float = 300.0) -> subprocess.Popen:
+    """``python app.py`` on ``port``, returned once it answers HTTP."""
+    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), GRADIO_ANALYTICS_ENABLED="False",
+               HF_HUB_DISABLE_TELEMETRY="1", FER_MODEL_REPO="")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint-dir", checkpoint_dir,
+                             "--port", str(port), "--concurrency", str(concurrency)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read(100)
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"app.py did not answer within {timeout:.0f} s")
+
+
+def make_media(folder: Path) -> dict[str, str]:
+    """A 640 x 480 photo with two faces and a 2 s 320 x 240 clip."""
+    photo = np.full((480, 640, 3), 110, np.uint8)
+    faces = faces_image(2, face=160, cols=2)
+    photo[40:40 + faces.shape[0], 60:60 + faces.shape[1]] = faces[:440, :580]
+    Image.fromarray(photo).save(folder / "photo.jpg", quality=90)
+    return {"photo": str(folder / "photo.jpg"), "video": make_video(folder / "clip.mp4", seconds=2.0, fps=10)}
+
+
+def request(client, kind: str, media: dict[str, str], rng: random.Random):
+    from gradio_client import handle_file
+
+    if kind == "photo":
+        return client.predict(handle_file(media["photo"]), "mtcnn", False, rng.choice(["gradcam", "gradcam++"]),
+                              "predicted class", False, api_name="/analyze_image")
+    if kind == "video":
+        return client.predict(handle_file(media["video"]), 2, "mtcnn", False, api_name="/analyze_video")
+    return client.predict(handle_file(media["video"]), rng.uniform(0, 1.4), "mtcnn", "gradcam", "predicted class",
+                          api_name="/explain_video_frame")
+
+
+def percentile(xs: list[float], q: float):
+    return round(float(np.percentile(xs, q)), 3) if xs else None
+
+
+def run_clients(url: str, clients: int, seconds: float, media: dict[str, str], seed: int = 0) -> dict:
+    """``clients`` threads, each with its own gradio_client, each looping over the mix until ``seconds`` pass."""
+    from gradio_client import Client
+
+    latencies: dict[str, list[float]] = {k: [] for k, _ in MIX}
+    errors: Counter = Counter()
+    lock = threading.Lock()
+    deadline = time.time() + seconds
+
+    def client_loop(i: int) -> None:
+        rng = random.Random(seed + i)
+        client = Client(url, verbose=False)
+        while time.time() < deadline:
+            kind = rng.choices([k for k, _ in MIX], [w for _, w in MIX])[0]
+            t = time.perf_counter()
+            try:
+                request(client, kind, media, rng)
+                ok = True
+            except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+                ok, msg = False, f"{kind}: {type(e).__name__}: {str(e)[:200]}"
+            with lock:
+                if ok:
+                    latencies[kind].append(time.perf_counter() - t)
+                else:
+                    errors[msg] += 1
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 600)
+    every = [x for xs in latencies.values() for x in xs]
+    return {
+        "served": len(every), "errors": sum(errors.values()), "error_messages": dict(errors),
+        "latency_s": {k: {"n": len(v), "p50": percentile(v, 50), "p95": percentile(v, 95)}
+                      for k, v in {**latencies, "all": every}.items()},
+    }
+
+
+def soak(clients: int, seconds: float, checkpoint_dir: str, concurrency: int = 2, seed: int = 0) -> dict:
+    """Start the app, warm it up (one request of each kind), run the clients, report."""
+    from gradio_client import Client
+
+    with tempfile.TemporaryDirectory() as tmp:
+        media = make_media(Path(tmp))
+        port = free_port()
+        t0 = time.time()
+        proc = start_server(checkpoint_dir, port, concurrency)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            started_s = time.time() - t0
+            warm = Client(url, verbose=False)
+            for kind, _ in MIX:
+                request(warm, kind, media, random.Random(seed))
+            rss_start = rss_mb(proc.pid)
+            peak = [rss_start]
+            done = threading.Event()
+
+            def sample() -> None:
+                while not done.wait(0.5):
+                    peak.append(rss_mb(proc.pid))
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            t = time.time()
+            report = run_clients(url, clients, seconds, media, seed)
+            wall = time.time() - t
+            done.set()
+            sampler.join()
+            alive = proc.poll() is None and request(warm, "photo", media, random.Random(seed)) is not None
+            report.update({
+                "clients": clients, "seconds": round(wall, 1), "concurrency": concurrency,
+                "checkpoint_dir": checkpoint_dir, "server_start_s": round(started_s, 1),
+                "throughput_per_s": round(report["served"] / wall, 2),
+                "rss_mb": {"start": round(rss_start, 1), "end": round(rss_mb(proc.pid), 1),
+                           "max": round(max(peak), 1)},
+                "serving_after": bool(alive),
+            })
+            return report
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--checkpoint-dir", default=str(ROOT / "checkpoints"))
+    ap.add_argument("--concurrency", type=int, default=2, help="the app's --concurrency")
+    ap.add_argument("--rss-bound-mb", type=float, default=300, help="allowed RSS growth from start to end")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write the report here (JSON)")
+    args = ap.parse_args(argv)
+    report = soak(args.clients, args.seconds, args.checkpoint_dir, args.concurrency, args.seed)
+    report["rss_bound_mb"] = args.rss_bound_mb
+    report["ok"] = (report["errors"] == 0 and report["serving_after"]
+                    and report["rss_mb"]["end"] - report["rss_mb"]["start"] <= args.rss_bound_mb)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
