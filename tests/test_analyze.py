@@ -23,6 +23,7 @@ from conftest import REPO_ROOT
 from media import astronaut_face, faces_image, write_video
 
 CLASSES = list(fm.FER2013_CLASSES)
+DETECTOR = "mtcnn"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def predictor(model):
-    return FacePredictor(model)
+    # MTCNN pinned: these tests are about the batch pipeline (and check its landmark columns), not the detector.
+    return FacePredictor(model, detector=DETECTOR)
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +191,9 @@ def test_bad_videos_are_rows_not_crashes(predictor, photos, clip, tmp_path):
 def test_parquet_and_cam_pngs(model, photos, tmp_path):
     pytest.importorskip("pyarrow")
     explain = pytest.importorskip("explain")
-    pred = FacePredictor(model, explainer=explain.Explainer(model))
+    pred = FacePredictor(model, explainer=explain.Explainer(model), detector=DETECTOR)
     with pytest.raises(ValueError, match="explainer"):
-        analyze(photos, predictor=FacePredictor(model), cam_dir=tmp_path / "no", progress=False)
+        analyze(photos, predictor=FacePredictor(model, detector=DETECTOR), cam_dir=tmp_path / "no", progress=False)
     out = tmp_path / "r.parquet"
     df = analyze(photos / "c_three.png", out=out, predictor=pred, cam_dir=tmp_path / "cams", progress=False)
     assert len(df) == 3 and df["cam_png"].notna().all()
@@ -225,7 +227,7 @@ def test_command_line(model, photos, clip, tmp_path):
     out = tmp_path / "r.csv"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "fer_models.analyze", str(photos), clip, "--out", str(out), "--checkpoint-dir",
-           str(ckpt), "--batch-size", "3", "--sample-fps", "2", "--quiet"]
+           str(ckpt), "--batch-size", "3", "--sample-fps", "2", "--detector", DETECTOR, "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "6 files" in r.stdout and "2 errors" in r.stdout

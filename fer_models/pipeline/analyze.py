@@ -338,13 +338,16 @@ def _prefetch(fn: Callable[[str], _Loaded], items: list[str], workers: int, ahea
     if workers <= 0:
         yield from map(fn, items)
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fer-load") as pool:
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fer-load")
+    try:
         futures = [pool.submit(fn, x) for x in items[:ahead]]
         for i in range(len(items)):
             if i + ahead < len(items):
                 futures.append(pool.submit(fn, items[i + ahead]))
             yield futures[i].result()
             futures[i] = None  # type: ignore[call-overload] - free the decoded image
+    finally:  # on Ctrl-C or an error, do not read the images queued ahead
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def analyze(
