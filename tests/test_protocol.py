@@ -61,3 +61,33 @@ def test_protocol_cli_on_a_small_subset(data_dir, tmp_path):
     assert r["fer2013/PublicTest"]["accuracy"] > 0.5  # far above chance (1/7) on FER2013
     assert r["jaffe/fullframe"]["found"] >= 39  # the detector finds (almost) every JAFFE face
     assert json.loads(out.read_text())["subset"] == 40
+
+
+def test_face_norm_standardises_each_face_and_travels_with_the_config(tmp_path):
+    import fer_models as fm
+    from fer_models.models.preprocess import normalize, prepare_faces, standardize_faces
+
+    x = torch.stack([torch.full((1, 8, 8), 0.2), torch.rand(1, 8, 8) * 0.3 + 0.6])
+    y = standardize_faces(x, 130.0, 50.0)
+    assert torch.allclose(y[1].mean() * 255, torch.tensor(130.0), atol=1.0)
+    assert torch.allclose(y[1].std() * 255, torch.tensor(50.0), atol=1.0)
+    assert torch.allclose(y[0], torch.full_like(y[0], 130 / 255), atol=1e-5)  # flat face: shifted, not amplified
+    plain = fm.create_model("vgg_tiny")
+    assert plain.input_spec()["face_norm"] is None
+    model = fm.create_model("vgg_tiny", face_norm=[130.0, 50.0])
+    model.save_pretrained(tmp_path / "m")
+    loaded = fm.load_model(tmp_path / "m")
+    assert loaded.input_spec()["face_norm"] == [130.0, 50.0]
+    dark = np.full((48, 48), 40, np.uint8)
+    dark[10:30, 10:30] = 70
+    bright = (dark.astype(int) * 2 + 50).astype(np.uint8)  # same face, other exposure and contrast
+    a, b = prepare_faces([dark, bright], loaded.input_spec())
+    assert torch.allclose(a, b, atol=0.05)  # face_norm makes the exposure irrelevant
+    a0, b0 = prepare_faces([dark, bright], plain.input_spec())
+    assert not torch.allclose(a0, b0, atol=0.5)
+    full = normalize(torch.from_numpy(dark)[None], loaded.input_spec())  # B x 1 x 48 x 48, before the crop
+    assert torch.allclose(full[..., 2:46, 2:46], a[None], atol=1e-6)
+    fusion = fm.FusionModel.from_members([model, fm.create_model("resnet_tiny", face_norm=[130.0, 50.0])])
+    assert fusion.input_spec()["face_norm"] == [130.0, 50.0]
+    with pytest.raises(ValueError, match="input spec"):
+        fm.FusionModel.from_members([model, fm.create_model("resnet_tiny")])

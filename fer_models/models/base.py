@@ -30,7 +30,9 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 # Keys every model config has; the builders add architecture-specific ones.
-SPEC_KEYS = ("class_names", "input_size", "crop_size", "in_chans", "mean", "std")
+# face_norm: None, or [mean, std] grey levels each face is standardised to before mean/std normalisation
+# (per-face contrast normalisation; docs/real_photos.md). Absent from older configs, which means None.
+SPEC_KEYS = ("class_names", "input_size", "crop_size", "in_chans", "mean", "std", "face_norm")
 
 
 def default_config(arch: str, **overrides: Any) -> dict:
@@ -94,7 +96,7 @@ class FERModel(
 
     def input_spec(self) -> dict:
         """What preprocessing must produce for this model (read by data, evaluation, explanations, the app)."""
-        return {k: self.cfg[k] for k in SPEC_KEYS}
+        return {k: self.cfg.get(k) for k in SPEC_KEYS}
 
     def cam_target_layers(self) -> dict[str, nn.Module]:
         """``{name: module}`` that Grad-CAM should hook (the config's ``cam_layer``)."""

@@ -49,9 +49,9 @@ class FusionModel(FERModel):
         if not members:
             raise ValueError("a fusion model needs at least one member")
         member_cfgs = [dict(m) for m in members]
-        spec = {k: member_cfgs[0][k] for k in SPEC_KEYS}
+        spec = {k: member_cfgs[0].get(k) for k in SPEC_KEYS}
         for m in member_cfgs[1:]:
-            diff = {k: (spec[k], m[k]) for k in SPEC_KEYS if m[k] != spec[k]}
+            diff = {k: (spec[k], m.get(k)) for k in SPEC_KEYS if m.get(k) != spec[k]}
             if diff:
                 raise ValueError(f"fusion members must share their input spec and classes; differences: {diff}")
         for k in SPEC_KEYS:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .fusion import FusionModel
-from .preprocess import crop_views, to_float
+from .preprocess import crop_views, normalize
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -67,7 +67,7 @@ def predict_logits(
     members: dict[str, list[torch.Tensor]] = {}
     step = max(1, batch_size // (10 if tta == "tencrop" else 1))
     for i in range(0, len(x_all), step):
-        x = to_float(x_all[i:i + step].to(dev), spec["mean"], spec["std"])
+        x = normalize(x_all[i:i + step].to(dev), spec)
         views = crop_views(x, spec["crop_size"], tta)
         if tta == "center":
             views = views.unsqueeze(0)

@@ -20,6 +20,26 @@ def to_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
     return (x.float() / 255.0 - m) / s
 
 
+def standardize_faces(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Per-face contrast normalisation of [0, 1] floats B x C x H x W: each face's pixels are shifted and scaled
+    to ``mean`` / ``std`` grey levels (0-255 units, e.g. FER2013's median face), then clipped to [0, 1]."""
+    m = x.mean((1, 2, 3), keepdim=True)
+    s = x.std((1, 2, 3), keepdim=True).clamp_min(2.0 / 255)  # a flat face is shifted, not blown up
+    return ((x - m) / s * (std / 255.0) + mean / 255.0).clamp(0, 1)
+
+
+def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    """uint8 faces -> the model's input floats per ``spec``: per-face ``face_norm`` when set, then mean/std."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    x = x.float() / 255.0
+    if spec.get("face_norm"):
+        x = standardize_faces(x, *spec["face_norm"])
+    m = torch.tensor(spec["mean"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(spec["std"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
 def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     top, left = (h - crop) // 2, (w - crop) // 2
@@ -62,7 +82,7 @@ def faces_to_uint8(faces: Sequence[np.ndarray], input_size: int, in_chans: int) 
 
 def prepare_faces(faces: Sequence[np.ndarray], spec: dict, tta: str = "center") -> torch.Tensor:
     """Face crops (numpy uint8) -> model input per ``spec``: B x C x crop x crop, or 10 x B x ... for ten-crop."""
-    x = to_float(faces_to_uint8(faces, spec["input_size"], spec["in_chans"]), spec["mean"], spec["std"])
+    x = normalize(faces_to_uint8(faces, spec["input_size"], spec["in_chans"]), spec)
     return crop_views(x, spec["crop_size"], tta)
 
 
