@@ -6,8 +6,8 @@ Each client loops over a mix of requests (photos with Grad-CAM, short clips, exp
 the time is up. Reported: requests served, errors (the target is 0; each kind of message is listed), p50/p95
 latency per kind and overall, and the server's resident memory after a warm-up under the same load (by then every
 thread's allocator arenas and every lazily built detector and explainer exist) and at the end, with a series every
-30 s (the target: growth within ``--rss-bound-mb``, and no upward trend). Exits 1 if a target is missed. The media are generated (scikit-image's
-public-domain astronaut), never read from a dataset.
+30 s (the target: growth within ``--rss-bound-mb``). Exits 1 if a target is missed. The media are generated
+(scikit-image's public-domain astronaut), never read from a dataset.
 """
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ def png_header(width: int, height: int, color_type: int = 2, rows: int = 0) -> b
 def tiff_header(width: int, height: int) -> bytes:
     """An uncompressed RGB TIFF that declares ``width`` x ``height`` but whose one strip is 16 bytes long."""
     entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 2),
-               (273, 4, 1, 8 + 2 + 12 * 10 + 4), (277, 3, 1, 3), (278, 4, 1, height), (279, 4, 1, min(width * height * 3, 2**32 - 1)),
+               (273, 4, 1, 8 + 2 + 12 * 10 + 4), (277, 3, 1, 3), (278, 4, 1, height),
+               (279, 4, 1, min(width * height * 3, 2**32 - 1)),
                (284, 3, 1, 1)]
     ifd = struct.pack("<H", len(entries)) + b"".join(
         struct.pack("<HHI", tag, typ, count) + (struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value))
@@ -149,7 +150,8 @@ def audio_only(path: Path, container: str, codec: str) -> str:
 
 # File names a browser or API client might send: traversal-looking, shell-looking, unicode, long, dotted.
 PATH_LIKE_NAMES = ["..%2f..%2fetc%2fpasswd.png", "..png", "-rf.png", "name;rm -rf ~.png", "$(reboot).png",
-                   "фото лица 😀.png", "CON.png", " leading and trailing .png", "x" * 200 + ".png", "a'b\"c`d.png"]
+                   "фото лица 😀.png", "CON.png", " leading and trailing .png", "x" * 200 + ".png",
+                   "a'b\"c`d.png"]
 
 
 def make_corpus(out: Path) -> list[Case]:
@@ -200,6 +202,8 @@ def make_corpus(out: Path) -> list[Case]:
     webm = make_video(out / "ok.webm", seconds=1.0, fps=10, size=(240, 180), codec="libvpx", container="webm")
     cases.append(Case("ok.webm", webm, "video"))
     write("two_hours.webm", webm_with_duration(Path(webm).read_bytes(), 7200.0), "video", None, "7200 s long")
+    # A codec FFmpeg has no decoder for: the stream exists, its codec context does not (found by the fuzzer).
+    write("unknown_codec.webm", Path(webm).read_bytes().replace(b"V_VP8", b"V_ZZZ"), "video", "corrupt")
     write("zero_bytes.mp4", b"", "video", "empty")
     write("broken_moov.mp4", mp4_broken_moov(data), "video", NOT_A_VIDEO)
     write("truncated_half.mp4", data[:len(data) // 2], "video")

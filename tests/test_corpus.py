@@ -56,10 +56,11 @@ def _check(case, message: str, notes: str, seconds: float, peak) -> list[str]:
 
 def test_corpus_is_varied(corpus):
     kinds = {c.kind for c in corpus}
-    assert kinds == {"image", "video"} and len(corpus) >= 70
+    assert kinds == {"image", "video"} and len(corpus) >= 75
     names = {c.name for c in corpus}
     for must in ("bomb_30000x30000.png", "header_20000x20000.png", "animated_10000_frames.gif", "broken_moov.mp4",
-                 "two_hours.webm", "audio_only.wav", "jpeg_plus_zip.jpg", "zero_bytes.mp4", "one_pixel.png"):
+                 "two_hours.webm", "unknown_codec.webm", "audio_only.wav", "jpeg_plus_zip.jpg", "zero_bytes.mp4",
+                 "one_pixel.png"):
         assert must in names
     assert max(Path(c.path).stat().st_size for c in corpus) < 1_000_000  # header tricks, not real content
 

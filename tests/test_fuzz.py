@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from fer_models.pipeline import InputError, load_image  # noqa: E402
@@ -124,6 +124,8 @@ def test_fuzz_image_bytes(data):
 
 @fuzz_settings(100)
 @given(data=st.binary(max_size=2048) | st.sampled_from(sorted(IMAGE_SEEDS)).map(lambda k: IMAGE_SEEDS[k][:12]))
+@example(data=b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR\x00\x00")  # found by the long run: Pillow's ValueError
+@example(data=b"\x01\xda\x07\x07\x00\x00" + bytes(600))  # found by the long run: SGI, KeyError/ValueError
 def test_fuzz_image_arbitrary_bytes(data):
     _check_loaded(_bounded(load_image, data), "image_random_bytes")
 

@@ -104,12 +104,16 @@ def _open_pil(source: Union[str, Path, bytes]) -> tuple[Image.Image, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(fp), nbytes
     except Image.DecompressionBombError as e:
-        raise InputError(f"The image is too large to process: the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP ({e}).") from e
+        raise InputError(
+            f"The image is too large to process: the limit is {MAX_IMAGE_PIXELS / 1e6:.0f} MP ({e})."
+        ) from e
     except UnidentifiedImageError as e:
         raise InputError(
             "This file is not an image that can be read (supported: JPEG, PNG, WebP, BMP, GIF, TIFF)."
         ) from e
-    except OSError as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow's format plugins raise OSError, ValueError, KeyError, struct.error
         raise InputError(f"The image file cannot be read (it is probably truncated or corrupt): {e}") from e
 
 
@@ -162,9 +166,9 @@ def load_image(source: ImageSource, *, max_side: int = MAX_WORKING_SIDE) -> Load
                     im = im.reduce(f)
             im = ImageOps.exif_transpose(im) or im
             rgb = _pil_to_rgb(im)
-        except InputError:
+        except (InputError, MemoryError):
             raise
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
+        except Exception as e:  # noqa: BLE001 - as in _open_pil: any decoder error on a malformed file
             raise InputError(f"The image file is truncated or corrupt ({e}).") from e
         size = (h, w) if rotated else (w, h)
     h, w = rgb.shape[:2]

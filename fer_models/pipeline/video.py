@@ -72,7 +72,8 @@ def probe_video(path: Union[str, Path]) -> VideoInfo:
                 duration = c.duration / 1_000_000
             else:
                 duration = 0.0
-            w, h = s.codec_context.width, s.codec_context.height
+            cc = s.codec_context  # None when FFmpeg has no decoder for the stream (a damaged header)
+            w, h = (cc.width, cc.height) if cc is not None else (0, 0)
             if not w or not h:
                 raise InputError("The video stream has no picture size: the file is probably corrupt.")
             return VideoInfo(int(w), int(h), rate, duration, s.codec_context.name, int(s.frames or 0))
