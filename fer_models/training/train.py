@@ -11,6 +11,10 @@ follows whichever is further along, steps or time, so a budget-limited run still
 State (weights, optimizer, RNG, progress) is saved as safetensors + JSON, never pickle, and ``--resume``
 continues from it, mid-epoch included.
 
+``torchrun --nproc_per_node N -m fer_models.train ...`` trains one backbone with DistributedDataParallel on N
+processes (NCCL on GPUs, gloo on CPU; :mod:`fer_models.training.distributed`): each rank takes a disjoint shard of
+every epoch, ``--batch-size`` is per process, and rank 0 evaluates and writes every file.
+
 ``--arch fusion --members dirA,dirB,dirC`` trains the fusion head on cached member logits (minutes);
 ``--finetune-members`` trains the whole fusion end to end instead.
 """
@@ -39,7 +43,9 @@ from .evaluate import evaluate_ckplus
 from ..models.fusion import FUSION_MODES, FusionModel
 from .metrics import score_logits
 from ..models.predict import amp_enabled, autocast, predict_logits, resolve_device, softmax
+from ..models.preprocess import standardize_faces
 from .augment import AugmentConfig, augment_batch, photometric_batch
+from .distributed import Distributed, init_distributed, progress_for_world_size, shard, unwrap
 
 log = logging.getLogger("fer_models.train")
 
@@ -50,7 +56,7 @@ class TrainConfig:
     data: str = "../shared/data"
     output: str = "runs/resnet18"
     epochs: int = 30                 # planned epochs (the schedule's length unless --max-minutes ends it sooner)
-    batch_size: int = 128
+    batch_size: int = 128            # per process: under torchrun the global batch is nproc x this
     opt: str = "sgd"                 # sgd (Nesterov momentum) or adamw
     lr: float = 0.05                 # peak learning rate
     momentum: float = 0.9
@@ -178,11 +184,16 @@ def train_one_epoch(
     model: nn.Module, opt: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor, *, cfg: TrainConfig,
     device: torch.device, epoch: int, progress: dict, total_steps: int, budget_s: Optional[float],
     loss_weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor], on_checkpoint,
+    world: Distributed = Distributed(),
 ) -> dict:
-    """One pass over the training set (resumable from ``progress['step_in_epoch']``). Returns epoch metrics."""
+    """One pass over the training set (resumable from ``progress['step_in_epoch']``). Returns epoch metrics.
+
+    Under torchrun ``model`` is the DistributedDataParallel wrapper and this rank trains on its shard of the epoch;
+    the returned loss, accuracy and images/s cover all ranks.
+    """
     from tqdm import tqdm
 
-    spec = model.input_spec()
+    spec = unwrap(model).input_spec()
     aug = AugmentConfig.preset(cfg.augment, crop=cfg.crop, flip=cfg.flip, rotation=cfg.rotation, scale=cfg.scale)
     mean = torch.tensor(spec["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(spec["std"], device=device).view(1, -1, 1, 1)
@@ -192,16 +203,20 @@ def train_one_epoch(
         order = torch.multinomial(sample_weight, n, replacement=True, generator=g)
     else:
         order = torch.randperm(n, generator=g)
-    steps = n // cfg.batch_size  # drop the last partial batch (BN on tiny batches is noisy)
+    if world.enabled:  # the same order on every rank, a disjoint slice each; augmentation draws differ per rank
+        order = shard(order, world)
+        g = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 1009 + 1 + world.rank)
+    steps = len(order) // cfg.batch_size  # drop the last partial batch (BN on tiny batches is noisy)
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     t_epoch = time.time()
     start = progress.get("step_in_epoch", 0)
-    bar = tqdm(range(start, steps), desc=f"epoch {epoch + 1}", leave=False, disable=not sys.stderr.isatty(),
-               mininterval=2.0)
+    bar = tqdm(range(start, steps), desc=f"epoch {epoch + 1}", leave=False, disable=not sys.stderr.isatty() or not world.is_main, mininterval=2.0)
     stopped = False
     for step in bar:
         t0 = time.time()
+        if budget_s and world.enabled:  # rank 0's clock: the same learning rate and the same stop step everywhere
+            progress["elapsed_s"] = world.main_float(progress["elapsed_s"], device)
         frac = max(progress["step"] / max(total_steps, 1), progress["elapsed_s"] / budget_s if budget_s else 0.0)
         if budget_s and progress["elapsed_s"] >= budget_s:
             stopped = True
@@ -213,7 +228,10 @@ def train_one_epoch(
         # Geometry on [0, 1] pixels (bilinear + border padding commute with the affine normalisation), then
         # light/optics/occlusion, then normalise.
         x = augment_batch(x_train[idx].float() / 255.0, spec["crop_size"], aug, generator=g)
-        x = (photometric_batch(x, aug, generator=g) - mean) / std
+        x = photometric_batch(x, aug, generator=g)
+        if spec.get("face_norm"):  # as at inference: after light and optics, before the mean/std normalisation
+            x = standardize_faces(x, *spec["face_norm"])
+        x = (x - mean) / std
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y_train[idx]
@@ -234,6 +252,7 @@ def train_one_epoch(
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}")
         on_checkpoint()  # writes state only when --save-every-minutes have passed since the last write
     dt = time.time() - t_epoch
+    loss_sum, correct, seen = world.sum([loss_sum, correct, seen], device)
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr_at(cfg, frac if steps > start else 1.0),
             "images_per_s": seen / max(dt, 1e-6), "stopped_by_budget": stopped, "finished_epoch": not stopped}
 
@@ -282,7 +301,9 @@ def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
     return model
 
 
-def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device) -> FERModel:
+def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device,
+                   world: Distributed = Distributed()) -> FERModel:
+    """Train one backbone (on every rank of a torchrun job; rank 0 evaluates and writes) and return ``best/``."""
     train, public = data.get_split("Training"), data.get_split("PublicTest")
     if cfg.limit:
         train = train.subset(slice(0, cfg.limit))
@@ -306,26 +327,38 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         sample_weight = class_weights(counts, cfg.balance_power)[torch.from_numpy(train.labels)]
     x_train = _to_device_uint8(train, device)
     y_train = torch.from_numpy(train.labels).to(device)
-    steps_per_epoch = len(train) // cfg.batch_size
+    steps_per_epoch = len(train) // world.world_size // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"only {len(train)} training faces: fewer than one batch of {cfg.batch_size}")
+        raise ValueError(f"only {len(train)} training faces: fewer than one batch of {cfg.batch_size} "
+                         f"per process ({world.world_size} processes)")
     total_steps = steps_per_epoch * cfg.epochs
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
 
     ckplus = selection_data(cfg)
     progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "elapsed_s": 0.0, "best_acc": -1.0, "best_epoch": -1}
+    if world.enabled:
+        progress["world_size"] = world.world_size
     if cfg.resume and (run / "state.safetensors").is_file():
-        progress = load_state(run, model, opt)
-        _trim_metrics(run, progress["epoch"])
+        progress = load_state(run, model, opt)  # every rank reads the same state
+        rescaled = progress_for_world_size(progress, world.world_size)
+        if rescaled:
+            log.warning("state saved by %d processes, resumed on %d: step counters rescaled",
+                        progress.get("world_size", 1), world.world_size)
+            progress = rescaled
+        if world.is_main:
+            _trim_metrics(run, progress["epoch"])
         log.info("resumed from %s at epoch %d step %d (%.1f min trained)", run, progress["epoch"] + 1,
                  progress["step_in_epoch"], progress["elapsed_s"] / 60)
+    if world.enabled:  # dropout masks differ per rank (the weights are rank 0's: DDP broadcasts them)
+        torch.manual_seed(cfg.seed * 1009 + 1 + world.rank + progress["step"])
+    net = world.wrap(model, device)  # forward/backward only; `model` is what is evaluated and saved
 
     last_save = time.time()
 
     def checkpoint(force: bool = False):
         """Write the resumable state if forced or --save-every-minutes have passed since the last write."""
         nonlocal last_save
-        if force or time.time() - last_save > cfg.save_every_minutes * 60:
+        if world.is_main and (force or time.time() - last_save > cfg.save_every_minutes * 60):
             save_state(run, model, opt, progress)
             last_save = time.time()
 
@@ -333,28 +366,31 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
              len(train), steps_per_epoch, cfg.epochs, cfg.max_minutes, device)
     while progress["epoch"] < cfg.epochs:
         epoch = progress["epoch"]
-        stats = train_one_epoch(model, opt, x_train, y_train, cfg=cfg, device=device, epoch=epoch, progress=progress,
+        stats = train_one_epoch(net, opt, x_train, y_train, cfg=cfg, device=device, epoch=epoch, progress=progress,
                                 total_steps=total_steps, budget_s=budget_s, loss_weight=loss_weight,
-                                sample_weight=sample_weight, on_checkpoint=checkpoint)
-        t0 = time.time()
-        pub = evaluate(model, public, tta="center", device=device, cfg=cfg)
-        row = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "stopped_by_budget"},
-               "public_acc": pub["accuracy"], "public_macro_f1": pub["macro_f1"]}
-        score = pub["accuracy"]
-        if ckplus is not None:
-            row["ckplus48_acc"] = evaluate_ckplus(model, ckplus, "center", cfg.eval_batch_size, device)["accuracy"]
-            score = (pub["accuracy"] + row["ckplus48_acc"]) / 2
-        progress["elapsed_s"] += time.time() - t0
-        row.update(selection_score=score, elapsed_min=progress["elapsed_s"] / 60)
-        improved = score > progress["best_acc"]
-        if improved:
-            progress["best_acc"], progress["best_epoch"] = score, epoch + 1
-            model.save_pretrained(run / "best")  # fp32; selected on PublicTest (+ CK+48) only, never PrivateTest
-        row["best_selection_score"] = progress["best_acc"]
-        _log_metrics(run, row)
-        log.info("epoch %d  loss %.4f  train_acc %.4f  public_acc %.4f  macro_f1 %.4f  lr %.5f  %.0f img/s  %.1f min",
-                 epoch + 1, stats["train_loss"], stats["train_acc"], pub["accuracy"], pub["macro_f1"], stats["lr"],
-                 stats["images_per_s"], progress["elapsed_s"] / 60)
+                                sample_weight=sample_weight, on_checkpoint=checkpoint, world=world)
+        improved = False
+        if world.is_main:  # the other ranks wait in from_main below
+            t0 = time.time()
+            pub = evaluate(model, public, tta="center", device=device, cfg=cfg)
+            row = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "stopped_by_budget"},
+                   "public_acc": pub["accuracy"], "public_macro_f1": pub["macro_f1"]}
+            score = pub["accuracy"]
+            if ckplus is not None:
+                row["ckplus48_acc"] = evaluate_ckplus(model, ckplus, "center", cfg.eval_batch_size, device)["accuracy"]
+                score = (pub["accuracy"] + row["ckplus48_acc"]) / 2
+            progress["elapsed_s"] += time.time() - t0
+            row.update(selection_score=score, elapsed_min=progress["elapsed_s"] / 60)
+            improved = score > progress["best_acc"]
+            if improved:
+                progress["best_acc"], progress["best_epoch"] = score, epoch + 1
+                model.save_pretrained(run / "best")  # fp32; selected on PublicTest (+ CK+48) only, never PrivateTest
+            row["best_selection_score"] = progress["best_acc"]
+            _log_metrics(run, row)
+            log.info("epoch %d  loss %.4f  train_acc %.4f  public_acc %.4f  macro_f1 %.4f  lr %.5f  %.0f img/s  "
+                     "%.1f min", epoch + 1, stats["train_loss"], stats["train_acc"], pub["accuracy"], pub["macro_f1"],
+                     stats["lr"], stats["images_per_s"], progress["elapsed_s"] / 60)
+        progress.update(world.from_main(progress))  # rank 0's clock and selection: every rank takes the same branch
         if stats["finished_epoch"]:
             progress["epoch"] += 1
             progress["step_in_epoch"] = 0
@@ -367,6 +403,8 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         checkpoint(force=improved)
     progress["done"] = True
     checkpoint(force=True)
+    world.check_in_sync(model, device)
+    world.barrier()  # best/ and the final state are on disk before any rank reads them
     return load_model(run / "best", device=device)
 
 
@@ -507,7 +545,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="FER2013 CSV/.csv.gz/.npz, image folder, or the shared data root")
     p.add_argument("--output", default=None, help="run directory (default runs/<arch>)")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="faces per step per process: under torchrun the global batch is nproc x this (scale --lr)")
     p.add_argument("--opt", choices=["sgd", "adamw"], default=d.opt)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -572,28 +611,46 @@ def main(argv: Optional[list] = None) -> dict:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    world, device = init_distributed(resolve_device(cfg.device))  # one process unless launched by torchrun
+    try:
+        return train_and_export(cfg, device, world, final_eval=not args.skip_final_eval)
+    finally:
+        world.close()
+
+
+def train_and_export(cfg: TrainConfig, device: torch.device, world: Distributed = Distributed(), *,
+                     final_eval: bool = True) -> dict:
+    """Train, then (rank 0) evaluate PublicTest/PrivateTest and export ``<output>/model``. Returns the results."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     run = Path(cfg.output)
     run.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume and (run / "metrics.jsonl").exists():
-        (run / "metrics.jsonl").unlink()
-    (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    data = load_dataset(cfg.data)
+    if world.is_main:
+        if not cfg.resume and (run / "metrics.jsonl").exists():
+            (run / "metrics.jsonl").unlink()
+        (run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    with world.main_first():  # rank 0 decodes and caches the dataset; the others read the cache
+        data = load_dataset(cfg.data)
     t_start = time.time()
     fusion_head = cfg.arch.startswith("fusion") and not cfg.finetune_members
+    if fusion_head and world.enabled:
+        raise ValueError("the fusion head trains on cached logits in minutes on one process: run it without torchrun "
+                         "(or with --finetune-members to train the whole fusion data-parallel)")
     if fusion_head:
         model, info = train_fusion_head(cfg, data, run, device)
     else:
-        model, info = train_backbone(cfg, data, run, device), {}
+        model, info = train_backbone(cfg, data, run, device, world), {}
     state = json.loads((run / "state.json").read_text())["progress"] if (run / "state.json").is_file() else {}
     results: dict = {
-        "arch": model.arch, "train_config": asdict(cfg), "device": device_name(device),
+        "arch": model.arch, "train_config": asdict(cfg), "device": device_name(device, world.world_size),
         "train_minutes": round(state.get("elapsed_s", time.time() - t_start) / 60, 2),
         "epochs_completed": state.get("epoch"), "best_epoch": state.get("best_epoch"), **info,
     }
-    if not args.skip_final_eval:
+    if world.enabled:
+        results["world_size"] = world.world_size
+    if not world.is_main:  # evaluation and export are rank 0's
+        return results
+    if final_eval:
         if fusion_head:
             cache = cache_member_logits(model, data, run, device, cfg)
             for split, tta in (("PublicTest", "center"), ("PrivateTest", "center"), ("PrivateTest", "tencrop")):
@@ -613,12 +670,14 @@ def main(argv: Optional[list] = None) -> dict:
     return results
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, world_size: int = 1) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
+        name = torch.cuda.get_device_name(device)
+    else:
+        import platform
 
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{world_size} x {name}" if world_size > 1 else name
 
 
 def export(model: FERModel, out: Path, results: dict, dtype: torch.dtype = torch.float16) -> None:
