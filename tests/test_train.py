@@ -183,3 +183,20 @@ def test_gpu_lease_script_end_to_end_on_cpu(synthetic_csv, tmp_path):
     with tarfile.open(pack / "logs.tgz") as tar:
         names = set(tar.getnames())
     assert {"vgg19/metrics.jsonl", "resnet18/metrics.jsonl", "vgg19_cbam/metrics.jsonl", "train_all.log"} <= names
+
+
+def test_real_photo_recipe_trains_and_stores_face_norm(synthetic_csv, tmp_path, monkeypatch):
+    """--augment real and --face-norm run end to end; the preprocessing lands in the saved config, and a warm
+    start adopts it; --select-on public+ckplus48 refuses to run without CK+48 beside the data."""
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    quick = ("--epochs", "1", "--skip-final-eval", "--augment", "real", "--face-norm", "129.5", "53.7")
+    train.main(_args(synthetic_csv, tmp_path / "a", *quick))
+    model = fm.load_model(tmp_path / "a" / "best")
+    assert model.input_spec()["face_norm"] == [129.5, 53.7]
+    rows = [json.loads(r) for r in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["selection_score"] == rows[-1]["public_acc"]
+    train.main(_args(synthetic_csv, tmp_path / "b", "--epochs", "1", "--skip-final-eval",
+                     "--init-from", str(tmp_path / "a" / "best"), "--face-norm", "120", "50"))
+    assert fm.load_model(tmp_path / "b" / "best").input_spec()["face_norm"] == [120.0, 50.0]
+    with pytest.raises(ValueError, match="needs CK\\+48"):
+        train.main(_args(synthetic_csv, tmp_path / "c", "--epochs", "1", "--select-on", "public+ckplus48"))

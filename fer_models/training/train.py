@@ -74,6 +74,7 @@ class TrainConfig:
     select_on: str = "public"        # checkpoint selection: public, or public+ckplus48 = (PublicTest + CK+48) / 2
     dropout: Optional[float] = None  # override the architecture's default
     width: Optional[float] = None    # channel width multiplier (1.0 = the published architecture)
+    face_norm: Optional[list] = None  # [mean, std] grey levels each face is standardised to (input spec; None = off)
     seed: int = 0
     device: str = "auto"
     amp: Optional[bool] = None       # bf16 autocast; None = auto (CUDA, or a CPU with AMX/AVX512-BF16)
@@ -297,6 +298,8 @@ def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
             problems.append(f"{key} {model.cfg[key]}, not {asked}")
     if problems:
         raise ValueError(f"--init-from {cfg.init_from} does not match this run: " + "; ".join(problems))
+    if cfg.face_norm is not None:  # preprocessing travels in the config: the warm start adopts the new one
+        model.cfg["face_norm"] = [float(v) for v in cfg.face_norm]
     log.info("warm start from %s", cfg.init_from)
     return model
 
@@ -314,7 +317,7 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
     elif cfg.init_from:
         model = init_model(cfg, data.class_names)
     else:
-        extra = {k: getattr(cfg, k) for k in ("dropout", "width") if getattr(cfg, k) is not None}
+        extra = {k: getattr(cfg, k) for k in ("dropout", "width", "face_norm") if getattr(cfg, k) is not None}
         model = create_model(cfg.arch, class_names=data.class_names, **extra)
     model.to(device)
     if cfg.channels_last:
@@ -569,6 +572,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "classes; CK+48 is read from <data>/ckplus48 and never trained on)")
     p.add_argument("--dropout", type=float, default=None)
     p.add_argument("--width", type=float, default=None, help="channel width multiplier (default 1.0)")
+    p.add_argument("--face-norm", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+                   help="per-face contrast normalisation stored in the model's input spec: each face is standardised "
+                        "to these grey levels (FER2013 Training's medians: 129.5 53.7); see docs/real_photos.md")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
