@@ -360,3 +360,15 @@ def test_video_bad_inputs(tmp_path, predictor):
     assert va.frames and not va.tracks and any("No faces found" in n for n in va.notes)
     with pytest.raises(InputError, match="Sample rate"):
         analyze_video(predictor, noface, sample_fps=0)
+
+
+def test_extreme_float_arrays_load_without_overflow():
+    """NaN, infinities and float32 extremes (found by the fuzzer) give finite, ordered pixels and no NaN casts."""
+    import warnings
+
+    a = np.array([[np.inf, -np.inf, np.nan], [3.4e38, -3.4e38, 0.0]] * 8, np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rgb = load_image(a).pixels
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 3, 3)
+    assert rgb[0, 0, 0] == 255 and rgb[0, 1, 0] == 0 and rgb[1, 2, 0] == 128

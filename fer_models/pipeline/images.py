@@ -53,11 +53,14 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
         # 16-bit images use the full 0..65535 range; wider integers are scaled by their own maximum.
         div = 257.0 if hi <= 65535 else hi / 255.0
         return np.clip(a / div, 0, 255).astype(np.uint8)
-    a = np.nan_to_num(a.astype(np.float32))
+    # NaN and infinities become finite, bounded to float32's range, so the span taken below in float64 cannot
+    # overflow (the fuzzer's extreme float arrays did, giving NaN pixels).
+    big = float(np.finfo(np.float32).max)
+    a = np.clip(np.nan_to_num(a.astype(np.float64), posinf=big, neginf=-big), -big, big)
     if a.size and (a.min() < 0 or a.max() > 1):
         lo, hi = float(a.min()), float(a.max())
         a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return (a * 255 + 0.5).astype(np.uint8)
+    return np.clip(a * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
