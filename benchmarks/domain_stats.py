@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fer_models.models.preprocess import faces_to_uint8  # noqa: E402
 from fer_models.pipeline.faces import crop_face, create_detector, detect_faces  # noqa: E402
 from fer_models.training.data import load_dataset  # noqa: E402
 from fer_models.training.evaluate import fixed_subset  # noqa: E402
@@ -57,9 +58,8 @@ def grey(face48: np.ndarray) -> dict:
 
 
 def to48(img: np.ndarray) -> np.ndarray:
-    g = img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    interp = cv2.INTER_AREA if min(g.shape) >= 48 else cv2.INTER_LINEAR
-    return cv2.resize(g, (48, 48), interpolation=interp)
+    """The 48 px grey face the model is given (the app's own resize, ``faces_to_uint8``)."""
+    return faces_to_uint8([img], 48, 1)[0, 0].numpy()
 
 
 def summarise(name: str, faces: list[np.ndarray], det) -> tuple[dict, dict, int]:

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 import fer_models as fm
 from fer_models.models.predict import autocast, resolve_device
 from fer_models.training.augment import AugmentConfig, augment_batch
-from fer_models.models.preprocess import to_float
+from fer_models.models.preprocess import normalize
 
 
 def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: int, mode: str,
@@ -39,7 +39,7 @@ def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: i
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        x = augment_batch(to_float(x8, spec["mean"], spec["std"]), spec["crop_size"], aug)
+        x = augment_batch(normalize(x8, spec), spec["crop_size"], aug)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, bf16):

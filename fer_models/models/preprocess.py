@@ -11,15 +11,6 @@ import numpy as np
 import torch
 
 
-def to_float(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 B x C x H x W (or B x H x W) -> normalised float32 B x C x H x W."""
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x.float() / 255.0 - m) / s
-
-
 def standardize_faces(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """Per-face contrast normalisation of [0, 1] floats B x C x H x W: each face's pixels are shifted and scaled
     to ``mean`` / ``std`` grey levels (0-255 units, e.g. FER2013's median face), then clipped to [0, 1]."""
@@ -28,16 +19,21 @@ def standardize_faces(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return ((x - m) / s * (std / 255.0) + mean / 255.0).clamp(0, 1)
 
 
-def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:
-    """uint8 faces -> the model's input floats per ``spec``: per-face ``face_norm`` when set, then mean/std."""
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    x = x.float() / 255.0
+def standardize(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    """[0, 1] float faces B x C x H x W -> the model's input per ``spec``: per-face ``face_norm`` when set, then
+    mean/std. Training calls it after augmentation; :func:`normalize` after decoding uint8 faces."""
     if spec.get("face_norm"):
         x = standardize_faces(x, *spec["face_norm"])
     m = torch.tensor(spec["mean"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(spec["std"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:
+    """uint8 faces B x C x H x W (or B x H x W) -> the model's input floats per ``spec``."""
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return standardize(x.float() / 255.0, spec)
 
 
 def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:

@@ -49,12 +49,19 @@ def evaluate_fer(model, data: FaceData, split: str, tta: str, batch_size: int = 
     return res
 
 
-def _cross_dataset(labels_ck: np.ndarray, logits: np.ndarray, ck_names: list[str], model_names: list[str],
-                   sequences: Optional[np.ndarray]) -> dict:
+def shared_labels(labels_ck: np.ndarray, ck_names: list[str], model_names: list[str]):
+    """``(shared, keep, y)``: the classes present in both, which samples have one, and their model indices."""
     present = set(np.array(ck_names)[np.unique(labels_ck)])
     shared = [c for c in ck_names if c in model_names and c in present]
     keep = np.isin(np.array(ck_names)[labels_ck], shared)
     y = np.array([model_names.index(ck_names[l]) for l in labels_ck[keep]])
+    return shared, keep, y
+
+
+def _cross_dataset(labels_ck: np.ndarray, logits: np.ndarray, ck_names: list[str], model_names: list[str],
+                   sequences: Optional[np.ndarray]) -> dict:
+    shared, keep, y = shared_labels(labels_ck, ck_names, model_names)
+    present = set(np.array(ck_names)[np.unique(labels_ck)])
     lg = logits[keep]
     full = score_logits(y, lg, model_names)
     idx = [model_names.index(c) for c in shared]

@@ -10,7 +10,7 @@ Rows (every one scored per image, with accuracy, macro-F1, per-class recall and 
   an error), 48 px grey crops like FER2013's but posed and lab-lit;
 * ``jaffe/crops`` — the 213 JAFFE face crops (~170 px, studio photos) through ``FacePredictor.predict_crops``,
   the app's classifier on a given crop (centre view);
-* ``jaffe/fullframe`` — the 68 JAFFE full frames through the app's own ``FacePredictor.analyze_array``
+* ``jaffe/fullframe`` — the 68 JAFFE full frames through the app's own ``FacePredictor.analyze_batch``
   (detector, eye-levelled crop at the detector's margin, classifier); a photo with no face found is an error.
 
 With ``--baseline`` both checkpoints are scored on the same images and each row gets an exact McNemar test of
@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .data import FaceData, load_dataset
-from .evaluate import _cross_dataset, fixed_subset
+from .evaluate import _cross_dataset, fixed_subset, shared_labels
 from .metrics import mcnemar_exact, score_logits
 
 log = logging.getLogger("fer_models.protocol")
@@ -109,21 +109,21 @@ def _ck_row(predictor, data: FaceData) -> dict:
     probs, members = _predict(predictor, data.images)
     logp = np.log(np.clip(probs, 1e-12, None))
     res = _cross_dataset(data.labels, logp, data.class_names, predictor.class_names, data.extra.get("sequences"))
-    keep = np.isin(np.array(data.class_names)[data.labels], res["shared_classes"])
-    y = np.array([predictor.class_names.index(data.class_names[i]) for i in data.labels[keep]])
+    _, keep, y = shared_labels(data.labels, data.class_names, predictor.class_names)
     res["correct"] = (probs[keep].argmax(1) == y).tolist()
     res["members"] = {k: float((v[keep].argmax(1) == y).mean()) for k, v in members.items()}
     return res
 
 
 def _fullframe_row(predictor, photos: Photos) -> dict:
-    """Each photo through the app's own path; the largest face found is the photo's prediction."""
+    """Every photo through the app's own path (``analyze_batch``: detection per photo, one forward for all
+    crops); the largest face found is the photo's prediction."""
     c = len(predictor.class_names)
     probs = np.zeros((len(photos.images), c))
     members = {n: np.zeros((len(photos.images), c)) for n in predictor.backbones}
     found = np.zeros(len(photos.images), bool)
-    for i, rgb in enumerate(photos.images):
-        faces = predictor.analyze_array(rgb).faces
+    for i, analysis in enumerate(predictor.analyze_batch(photos.images)):
+        faces = analysis.faces
         if not faces:
             continue
         f = max(faces, key=lambda f: f.box.area)

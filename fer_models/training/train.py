@@ -43,7 +43,7 @@ from .evaluate import evaluate_ckplus
 from ..models.fusion import FUSION_MODES, FusionModel
 from .metrics import score_logits
 from ..models.predict import amp_enabled, autocast, predict_logits, resolve_device, softmax
-from ..models.preprocess import standardize_faces
+from ..models.preprocess import standardize
 from .augment import AugmentConfig, augment_batch, photometric_batch
 from .distributed import Distributed, init_distributed, progress_for_world_size, shard, unwrap
 
@@ -196,8 +196,6 @@ def train_one_epoch(
 
     spec = unwrap(model).input_spec()
     aug = AugmentConfig.preset(cfg.augment, crop=cfg.crop, flip=cfg.flip, rotation=cfg.rotation, scale=cfg.scale)
-    mean = torch.tensor(spec["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"], device=device).view(1, -1, 1, 1)
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # the epoch's order is reproducible on resume
     n = len(y_train)
     if sample_weight is not None:
@@ -229,10 +227,7 @@ def train_one_epoch(
         # Geometry on [0, 1] pixels (bilinear + border padding commute with the affine normalisation), then
         # light/optics/occlusion, then normalise.
         x = augment_batch(x_train[idx].float() / 255.0, spec["crop_size"], aug, generator=g)
-        x = photometric_batch(x, aug, generator=g)
-        if spec.get("face_norm"):  # as at inference: after light and optics, before the mean/std normalisation
-            x = standardize_faces(x, *spec["face_norm"])
-        x = (x - mean) / std
+        x = standardize(photometric_batch(x, aug, generator=g), spec)  # face_norm as at inference, then mean/std
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = y_train[idx]
