@@ -53,15 +53,17 @@ class ResNet(FERModel):
 
     def __init__(
         self, *, arch: str, layers: list, widths: list, width: float = 1.0, attention: bool = False,
-        dropout: float = 0.0, cam_layer: str = "", **config,
+        dropout: float = 0.0, cam_layer: str = "", stem_stride: int = 1, **config,
     ):
+        if stem_stride != 1:  # only written to configs that use it, so older checkpoints' configs are unchanged
+            config["stem_stride"] = int(stem_stride)
         super().__init__(
             arch=arch, layers=layers, widths=widths, width=width, attention=attention, dropout=dropout,
             cam_layer=cam_layer, **config,
         )
         widths = [scale_width(w, width) for w in widths]
         self.has_attention = bool(attention)
-        self.conv1 = nn.Conv2d(self.in_chans, widths[0], 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(self.in_chans, widths[0], 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         in_planes = widths[0]
@@ -119,3 +121,12 @@ def resnet_tiny(**cfg) -> ResNet:
 @register_model
 def resnet_cbam_tiny(**cfg) -> ResNet:
     return _resnet("resnet_cbam_tiny", dict(layers=[1, 1, 1, 1], widths=[8, 16, 16, 32], attention=True), **cfg)
+
+
+@register_model
+def student(**cfg) -> ResNet:
+    """A small, fast ResNet for live video: stride-2 stem and one basic block per stage (44 -> 22 -> 11 -> 6 -> 3;
+    1.2M parameters). Trained by distillation from the fusion (``train --distill-from``). Grad-CAM on ``layer2``
+    (11x11 at 44 px)."""
+    return _resnet("student", dict(layers=[1, 1, 1, 1], widths=[32, 64, 128, 256], attention=False, stem_stride=2,
+                                   cam_layer="layer2.0"), **cfg)

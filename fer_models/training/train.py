@@ -93,6 +93,10 @@ class TrainConfig:
     head_epochs: int = 300           # full-batch steps for the fusion head on cached logits
     head_train_faces: Optional[int] = None  # random Training subset for the head (None = all)
     num_threads: Optional[int] = None
+    # distillation (Hinton et al., 2015): a teacher's logits on the Training faces, computed once and cached
+    distill_from: Optional[str] = None  # teacher checkpoint (e.g. the shipped fusion); None = plain training
+    distill_alpha: float = 0.9       # weight of the soft-target loss; 1 - alpha goes to the hard labels
+    distill_temperature: float = 4.0  # softening temperature; the soft loss is scaled by T^2
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -122,6 +126,42 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.opt == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     raise ValueError(f"unknown optimizer {cfg.opt!r}")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss`` (Hinton et al., 2015)."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean")
+    return alpha * t * t * soft + (1 - alpha) * hard_loss
+
+
+def teacher_logits(cfg: TrainConfig, part: FaceData, run: Path, device: torch.device, split: str) -> torch.Tensor:
+    """The ``--distill-from`` teacher's centre-crop logits for ``part``, computed once into
+    ``run/teacher_logits.safetensors`` (one entry per split) and reused on resume: three teachers per training step
+    would cost the CPU more than the student itself."""
+    from ..models.fold import prepare_for_inference
+
+    path = run / "teacher_logits.safetensors"
+    cached = load_file(str(path)) if path.is_file() else {}
+    meta_path = run / "teacher_logits.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("teacher") != str(cfg.distill_from):
+        cached, meta = {}, {"teacher": str(cfg.distill_from), "tta": "center"}
+    if split in cached and len(cached[split]) == len(part):
+        return cached[split].to(device)
+    t0 = time.time()
+    teacher = prepare_for_inference(load_model(cfg.distill_from, device=device))
+    if list(teacher.class_names) != list(part.class_names):
+        raise ValueError(f"teacher {cfg.distill_from} has classes {teacher.class_names}, the data {part.class_names}")
+    logits, _ = predict_logits(teacher, part.images, tta="center", batch_size=cfg.eval_batch_size, device=device,
+                               amp=cfg.amp, channels_last=cfg.channels_last)
+    cached[split] = torch.from_numpy(logits).float()
+    save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
+    meta_path.write_text(json.dumps(meta))
+    log.info("teacher %s: %s logits of %d faces in %.1f s", cfg.distill_from, split, len(part), time.time() - t0)
+    return cached[split].to(device)
 
 
 def _to_device_uint8(data: FaceData, device: torch.device) -> torch.Tensor:
@@ -185,7 +225,7 @@ def train_one_epoch(
     model: nn.Module, opt: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor, *, cfg: TrainConfig,
     device: torch.device, epoch: int, progress: dict, total_steps: int, budget_s: Optional[float],
     loss_weight: Optional[torch.Tensor], sample_weight: Optional[torch.Tensor], on_checkpoint,
-    world: Distributed = Distributed(),
+    world: Distributed = Distributed(), soft_targets: Optional[torch.Tensor] = None,
 ) -> dict:
     """One pass over the training set (resumable from ``progress['step_in_epoch']``). Returns epoch metrics.
 
@@ -234,6 +274,8 @@ def train_one_epoch(
         with autocast(device, amp_enabled(device, cfg.amp)):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+        if soft_targets is not None:  # the teacher saw the un-augmented centre crop of the same face
+            loss = distillation_loss(logits.float(), soft_targets[idx], loss, cfg.distill_alpha, cfg.distill_temperature)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -325,6 +367,10 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         sample_weight = class_weights(counts, cfg.balance_power)[torch.from_numpy(train.labels)]
     x_train = _to_device_uint8(train, device)
     y_train = torch.from_numpy(train.labels).to(device)
+    soft_targets = None
+    if cfg.distill_from:
+        with world.main_first():  # rank 0 computes and caches the teacher's logits; the others read them
+            soft_targets = teacher_logits(cfg, train, run, device, "Training")
     steps_per_epoch = len(train) // world.world_size // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"only {len(train)} training faces: fewer than one batch of {cfg.batch_size} "
@@ -366,7 +412,8 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         epoch = progress["epoch"]
         stats = train_one_epoch(net, opt, x_train, y_train, cfg=cfg, device=device, epoch=epoch, progress=progress,
                                 total_steps=total_steps, budget_s=budget_s, loss_weight=loss_weight,
-                                sample_weight=sample_weight, on_checkpoint=checkpoint, world=world)
+                                sample_weight=sample_weight, on_checkpoint=checkpoint, world=world,
+                                soft_targets=soft_targets)
         improved = False
         if world.is_main:  # the other ranks wait in from_main below
             t0 = time.time()
@@ -591,6 +638,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-train-faces", type=int, default=None,
                    help="fit the fusion head on a random Training subset of this size (caching is the slow part)")
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--distill-from", default=None,
+                   help="teacher checkpoint (e.g. checkpoints/): its centre-crop logits on the Training faces, cached "
+                        "once in the run directory, become soft targets")
+    p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the soft-target loss")
+    p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     p.add_argument("--skip-final-eval", action="store_true", help="do not evaluate PrivateTest at the end")
     return p
 
@@ -663,12 +715,29 @@ def train_and_export(cfg: TrainConfig, device: torch.device, world: Distributed 
                     part = part.subset(slice(0, max(cfg.limit // 4, 8)))
                 for tta in ("center", "tencrop"):
                     results[f"{split}/{tta}"] = evaluate(model, part, tta=tta, device=device, cfg=cfg)
+            if cfg.distill_from:
+                results["distillation"] = teacher_agreement(model, data, cfg, run, device)
     export(model, run / "model", results, dtype=getattr(torch, cfg.save_dtype))
     for key in ("PublicTest/center", "PrivateTest/center", "PrivateTest/tencrop"):
         if key in results:
             log.info("%s: accuracy %.4f  macro-F1 %.4f", key, results[key]["accuracy"], results[key]["macro_f1"])
     log.info("model written to %s", run / "model")
     return results
+
+
+def teacher_agreement(model: FERModel, data: FaceData, cfg: TrainConfig, run: Path, device: torch.device) -> dict:
+    """How often the student's centre-crop prediction equals the teacher's, and the teacher's own accuracy."""
+    out: dict = {"teacher": str(cfg.distill_from), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}
+    for split in ("PublicTest", "PrivateTest"):
+        part = data.get_split(split)
+        if cfg.limit:
+            part = part.subset(slice(0, max(cfg.limit // 4, 8)))
+        t = teacher_logits(cfg, part, run, device, split).cpu().numpy()
+        s, _ = predict_logits(model, part.images, tta="center", batch_size=cfg.eval_batch_size, device=device,
+                              amp=cfg.amp, channels_last=cfg.channels_last)
+        out[split] = {"agreement": float((s.argmax(1) == t.argmax(1)).mean()),
+                      "teacher_accuracy": float((t.argmax(1) == part.labels).mean())}
+    return out
 
 
 def device_name(device: torch.device, world_size: int = 1) -> str:
