@@ -74,3 +74,42 @@ def subject_mask(subjects: Sequence[str], dataset: str, part: str) -> np.ndarray
         raise ValueError(f"{dataset}: subjects {unknown[:5]} are in neither part of the fixed split")
     wanted = set(split[part])
     return np.array([s in wanted for s in subjects], bool)
+
+
+POSED_SETS = ("ckplus48", "jaffe")
+
+
+def posed_training_faces(data_root: Path, class_names: Sequence[str], sets: Sequence[str] = POSED_SETS,
+                         input_size: int = 48) -> "FaceData":
+    """The *training* subjects' images of the posed sets as grey ``input_size`` faces labelled in ``class_names``'
+    order (classes the model lacks, such as CK+'s contempt, are left out). Never a held-out subject's image."""
+    from ..models.preprocess import faces_to_uint8
+    from .data import FaceData, load_dataset
+    from .protocol import read_jaffe
+
+    root = Path(data_root)
+    root = root.parent if root.name == "fer2013" or root.is_file() else root
+    images, labels, sources = [], [], []
+    for name in sets:
+        if name == "ckplus48":
+            ck = load_dataset(root / "ckplus48", kind="ckplus")
+            keep = subject_mask(ck.subjects, "ckplus48", "train") & np.isin(
+                np.array(ck.class_names)[ck.labels], list(class_names))
+            faces = ck.images[keep]
+            if faces.shape[-1] != input_size:
+                faces = faces_to_uint8(list(faces), input_size, 1).numpy()[:, 0]
+            images.append(faces)
+            labels.append([list(class_names).index(ck.class_names[l]) for l in ck.labels[keep]])
+            sources += [f"ckplus48/{s}" for s in ck.sources[keep]]
+        elif name == "jaffe":
+            photos = read_jaffe(root, "crops", class_names)
+            keep = subject_mask([jaffe_subject(n) for n in photos.names], "jaffe", "train")
+            picked = [im for im, k in zip(photos.images, keep) if k]
+            images.append(faces_to_uint8(picked, input_size, 1).numpy()[:, 0])
+            labels.append(photos.labels[keep].tolist())
+            sources += [f"jaffe/{n}" for n, k in zip(photos.names, keep) if k]
+        else:
+            raise ValueError(f"unknown posed set {name!r}; choose from {POSED_SETS}")
+    y = np.concatenate([np.asarray(l, np.int64) for l in labels])
+    return FaceData(np.concatenate(images), y, list(class_names), np.array(["Training"] * len(y)),
+                    sources=np.array(sources), name="+".join(sets))

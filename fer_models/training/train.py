@@ -97,6 +97,9 @@ class TrainConfig:
     distill_from: Optional[str] = None  # teacher checkpoint (e.g. the shipped fusion); None = plain training
     distill_alpha: float = 0.9       # weight of the soft-target loss; 1 - alpha goes to the hard labels
     distill_temperature: float = 4.0  # softening temperature; the soft loss is scaled by T^2
+    # posed expressions (CK+48, JAFFE): only the training subjects of the fixed split (docs/posed_split.md)
+    posed: list = field(default_factory=list)  # e.g. ["ckplus48", "jaffe"]; [] = FER2013 only
+    posed_share: float = 0.1         # share of every epoch's draws that are posed faces (oversampled)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -130,11 +133,14 @@ def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, alpha: float,
                       temperature: float) -> torch.Tensor:
-    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss`` (Hinton et al., 2015)."""
+    """Per face ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss`` (Hinton et al., 2015),
+    averaged over the batch; faces without a teacher (NaN rows: posed faces) take ``hard_loss`` alone.
+    ``hard_loss`` is per face (``reduction="none"``)."""
     t = temperature
-    soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
-                    reduction="batchmean")
-    return alpha * t * t * soft + (1 - alpha) * hard_loss
+    has = torch.isfinite(teacher[:, 0])
+    soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher.nan_to_num(0.0) / t, -1), log_target=True,
+                    reduction="none").sum(-1)
+    return torch.where(has, alpha * t * t * soft + (1 - alpha) * hard_loss, hard_loss).mean()
 
 
 def teacher_logits(cfg: TrainConfig, part: FaceData, run: Path, device: torch.device, split: str) -> torch.Tensor:
@@ -162,6 +168,28 @@ def teacher_logits(cfg: TrainConfig, part: FaceData, run: Path, device: torch.de
     meta_path.write_text(json.dumps(meta))
     log.info("teacher %s: %s logits of %d faces in %.1f s", cfg.distill_from, split, len(part), time.time() - t0)
     return cached[split].to(device)
+
+
+def add_posed_faces(cfg: TrainConfig, train: FaceData, sample_weight: Optional[torch.Tensor],
+                    soft_targets: Optional[torch.Tensor]):
+    """FER2013 Training plus the posed sets' training subjects, drawn so that ``posed_share`` of every epoch's
+    faces are posed (oversampled; FER2013 stays the bulk). Posed faces have no teacher logits (NaN rows)."""
+    from .posed import posed_training_faces
+
+    posed = posed_training_faces(cfg.data, train.class_names, cfg.posed, train.images.shape[-1])
+    if not 0 < cfg.posed_share < 1:
+        raise ValueError(f"--posed-share must be in (0, 1), got {cfg.posed_share}")
+    n_fer, n_posed = len(train), len(posed)
+    base = sample_weight if sample_weight is not None else torch.ones(n_fer)
+    posed_base = torch.ones(n_posed)
+    weight = torch.cat([base / base.sum() * (1 - cfg.posed_share), posed_base / posed_base.sum() * cfg.posed_share])
+    merged = FaceData(np.concatenate([train.images, posed.images]), np.concatenate([train.labels, posed.labels]),
+                      list(train.class_names), np.concatenate([train.split, posed.split]), name=f"{train.name}+{posed.name}")
+    if soft_targets is not None:
+        soft_targets = torch.cat([soft_targets, soft_targets.new_full((n_posed, soft_targets.shape[1]), float("nan"))])
+    log.info("posed training faces: %d (%s), %.0f%% of each epoch's draws (each drawn about %.1f times per epoch)",
+             n_posed, posed.name, 100 * cfg.posed_share, cfg.posed_share * (n_fer + n_posed) / n_posed)
+    return merged, weight, soft_targets
 
 
 def _to_device_uint8(data: FaceData, device: torch.device) -> torch.Tensor:
@@ -273,9 +301,12 @@ def train_one_epoch(
         y = y_train[idx]
         with autocast(device, amp_enabled(device, cfg.amp)):
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
         if soft_targets is not None:  # the teacher saw the un-augmented centre crop of the same face
-            loss = distillation_loss(logits.float(), soft_targets[idx], loss, cfg.distill_alpha, cfg.distill_temperature)
+            hard = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing,
+                                   reduction="none")
+            loss = distillation_loss(logits.float(), soft_targets[idx], hard, cfg.distill_alpha, cfg.distill_temperature)
+        else:
+            loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -318,7 +349,12 @@ def selection_data(cfg: TrainConfig) -> Optional[FaceData]:
     path = root / "ckplus48" if (root / "ckplus48").is_dir() else root.parent / "ckplus48"
     if not path.is_dir():
         raise ValueError(f"--select-on {cfg.select_on} needs CK+48 at {root}/ckplus48 (or beside {root})")
-    return load_dataset(path, kind="ckplus")
+    ck = load_dataset(path, kind="ckplus")
+    if "ckplus48" in cfg.posed:  # trained on its training subjects: select on the held-out subjects only
+        from .posed import subject_mask
+
+        ck = ck.subset(subject_mask(ck.subjects, "ckplus48", "heldout"))
+    return ck
 
 
 def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
@@ -365,12 +401,14 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
     sample_weight = None
     if cfg.balance == "sampler":
         sample_weight = class_weights(counts, cfg.balance_power)[torch.from_numpy(train.labels)]
-    x_train = _to_device_uint8(train, device)
-    y_train = torch.from_numpy(train.labels).to(device)
     soft_targets = None
     if cfg.distill_from:
         with world.main_first():  # rank 0 computes and caches the teacher's logits; the others read them
             soft_targets = teacher_logits(cfg, train, run, device, "Training")
+    if cfg.posed:
+        train, sample_weight, soft_targets = add_posed_faces(cfg, train, sample_weight, soft_targets)
+    x_train = _to_device_uint8(train, device)
+    y_train = torch.from_numpy(train.labels).to(device)
     steps_per_epoch = len(train) // world.world_size // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"only {len(train)} training faces: fewer than one batch of {cfg.batch_size} "
@@ -564,7 +602,25 @@ def train_fusion_head(cfg: TrainConfig, data: FaceData, run: Path, device: torch
         info["head_trials"] = {b: {k: v for k, v in t.items() if k != "state"} for b, t in trials.items()}
         info["head_balance"] = pick
         _log_metrics(run, {"fusion_head": info["head_trials"], "picked": pick})
+    info["temperatures"] = calibrate_fusion(fusion, cache)
     return fusion.to(device), info
+
+
+def calibrate_fusion(fusion: FusionModel, cache: dict) -> dict:
+    """Temperature scaling of the fused and each member's logits, fitted on cached PublicTest logits (centre crop)
+    and stored in the fusion's config (``training.calibrate``): the probabilities shown become calibrated."""
+    from .calibrate import fit_temperature, with_temperatures
+
+    y = cache["PublicTest/labels"]
+    member_logits = {n: torch.from_numpy(cache[f"PublicTest/center/{n}"]).float() for n in fusion.member_names}
+    with torch.no_grad():
+        fused = fusion.cpu().fuse(member_logits).numpy()
+    temps = {"fused": fit_temperature(fused, y), **{n: fit_temperature(v.numpy(), y) for n, v in member_logits.items()}}
+    fusion.cfg = with_temperatures(fusion.cfg, temps)
+    for name, member in fusion.members.items():
+        member.cfg["temperature"] = fusion.cfg["members"][fusion.member_names.index(name)]["temperature"]
+    log.info("temperatures fitted on PublicTest: %s", {k: round(v, 3) for k, v in temps.items()})
+    return temps
 
 
 def cached_results(fusion: FusionModel, cache: dict, split: str, tta: str) -> dict:
@@ -643,6 +699,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "once in the run directory, become soft targets")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the soft-target loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    p.add_argument("--posed", default="",
+                   help="comma-separated posed sets to add (ckplus48,jaffe): only the training subjects of the fixed "
+                        "subject-disjoint split in docs/posed_split.md, oversampled to --posed-share of each epoch")
+    p.add_argument("--posed-share", type=float, default=d.posed_share)
     p.add_argument("--skip-final-eval", action="store_true", help="do not evaluate PrivateTest at the end")
     return p
 
@@ -650,6 +710,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields["members"] = [m for m in (args.members or "").split(",") if m]
+    fields["posed"] = [m for m in (args.posed or "").split(",") if m]
     fields["output"] = args.output or f"runs/{args.arch}"
     fields["amp"] = {"auto": None, "on": True, "off": False}[args.amp]
     return TrainConfig(**fields)

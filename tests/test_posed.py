@@ -1,0 +1,81 @@
+"""The posed sets' fixed subject-disjoint split, training on its training subjects, and distillation's loss."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fer_models.training import posed
+from fer_models.training.train import distillation_loss
+
+
+def test_split_is_disjoint_and_fixed():
+    split = posed.load_split()
+    for name in ("ckplus48", "jaffe"):
+        train, held = set(split[name]["train"]), set(split[name]["heldout"])
+        assert train and held and not train & held
+    assert len(split["ckplus48"]["train"]) == 83 and len(split["ckplus48"]["heldout"]) == 35
+    assert split["jaffe"]["heldout"] == ["KA", "MK", "TM", "UY"]
+    # the drawing code gives the stored split back from the same ids
+    ids = split["jaffe"]["train"] + split["jaffe"]["heldout"]
+    assert posed.draw_split(ids, posed.JAFFE_TRAIN_SUBJECTS) == split["jaffe"]
+
+
+def test_subject_names_and_unknown_subjects():
+    assert posed.ckplus_subject("S005_001_00000011.png") == "S005"
+    assert posed.jaffe_subject("KA.AN1.39.tiff") == "KA"
+    with pytest.raises(ValueError, match="CK\\+ file name"):
+        posed.ckplus_subject("face.png")
+    with pytest.raises(ValueError, match="neither part"):
+        posed.subject_mask(["KA", "ZZ"], "jaffe", "train")
+    assert posed.subject_mask(["KA", "KL"], "jaffe", "train").tolist() == [False, True]
+
+
+def test_distillation_loss():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 7), torch.randn(6, 7)
+    y = torch.randint(0, 7, (6,))
+    hard = F.cross_entropy(s, y, reduction="none")
+    # alpha 0 is the hard loss; alpha 1 is T^2 KL(teacher_T || student_T)
+    assert distillation_loss(s, t, hard, 0.0, 4.0) == pytest.approx(float(hard.mean()), rel=1e-5)
+    kl = F.kl_div(F.log_softmax(s / 2, -1), F.softmax(t / 2, -1), reduction="batchmean") * 4
+    assert distillation_loss(s, t, hard, 1.0, 2.0) == pytest.approx(float(kl), rel=1e-5)
+    # a student equal to its teacher has no soft loss
+    assert distillation_loss(t, t, torch.zeros(6), 1.0, 3.0) == pytest.approx(0.0, abs=1e-6)
+    # faces without a teacher (NaN rows) take the hard loss alone
+    t2 = t.clone()
+    t2[3:] = float("nan")
+    mixed = distillation_loss(s, t2, hard, 1.0, 2.0)
+    per_soft = F.kl_div(F.log_softmax(s[:3] / 2, -1), F.softmax(t[:3] / 2, -1), reduction="none").sum(-1) * 4
+    assert mixed == pytest.approx(float((per_soft.sum() + hard[3:].sum()) / 6), rel=1e-5)
+
+
+def test_posed_training_faces_hold_no_heldout_subject(data_dir):
+    from fer_models.models.base import FER2013_CLASSES
+
+    faces = posed.posed_training_faces(data_dir, list(FER2013_CLASSES))
+    assert faces.images.shape[1:] == (48, 48) and faces.images.dtype == np.uint8
+    split = posed.load_split()
+    for src in faces.sources:
+        name = src.rsplit("/", 1)[-1]
+        if src.startswith("ckplus48/"):
+            assert posed.ckplus_subject(name) in split["ckplus48"]["train"]
+        else:
+            assert posed.jaffe_subject(name) in split["jaffe"]["train"]
+    assert "contempt" not in {FER2013_CLASSES[i] for i in faces.labels}
+    assert len(faces) == 790  # 663 CK+48 (contempt left out) + 127 JAFFE crops
+
+
+def test_train_with_posed_faces_and_distillation(data_dir, tmp_path):
+    import fer_models as fm
+    from fer_models.training.train import main
+
+    fm.create_model("resnet_tiny").save_pretrained(tmp_path / "teacher")
+    res = main(["--arch", "resnet_tiny", "--data", str(data_dir), "--output", str(tmp_path / "run"), "--epochs", "1",
+                "--limit", "256", "--posed", "ckplus48,jaffe", "--posed-share", "0.25", "--distill-from",
+                str(tmp_path / "teacher"), "--select-on", "public+ckplus48", "--skip-final-eval"])
+    assert res["train_config"]["posed"] == ["ckplus48", "jaffe"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and "ckplus48_acc" in rows[0]
+    assert (tmp_path / "run" / "teacher_logits.safetensors").is_file()
