@@ -107,24 +107,38 @@ def class_color(name: str) -> tuple[int, int, int]:
     return CLASS_COLORS.get(name, (0, 200, 200))
 
 
+def _tag_size(caption: str, scale: float, thick: int) -> tuple[int, int, int]:
+    (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    return tw + 4, th + base + 4, base  # the filled tag around the text: 2 px padding on each side
+
+
 def draw_boxes(rgb: np.ndarray, items: Sequence[tuple[FaceBox, str, tuple[int, int, int]]]) -> np.ndarray:
-    """A copy of ``rgb`` with each (box, caption, colour) drawn; line width and text scale follow the image size."""
+    """A copy of ``rgb`` with each (box, caption, colour) drawn; line width and text scale follow the image size.
+
+    A caption sits on a filled tag just above its box; where that would leave the image (a face at the top
+    edge) the tag moves inside the box's top, and it is shifted and, on tiny images, shrunk to stay whole.
+    """
     out = np.ascontiguousarray(rgb.copy())
     h, w = out.shape[:2]
     thick = max(1, round(max(h, w) / 400))
-    font_scale = max(0.4, max(h, w) / 1200)
     for box, caption, color in items:
         p0 = (int(round(box.x0)), int(round(box.y0)))
         p1 = (int(round(box.x1)) - 1, int(round(box.y1)) - 1)
         cv2.rectangle(out, p0, p1, color, thick, cv2.LINE_AA)
-        if caption:
-            (tw, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-            ty = p0[1] - 4 if p0[1] - th - base - 4 >= 0 else min(p1[1] + th + 4, h - base)
-            tx = min(max(p0[0], 0), max(w - tw, 0))
-            cv2.rectangle(out, (tx, ty - th - 2), (tx + tw + 2, ty + base), color, -1)
-            text_color = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
-            cv2.putText(out, caption, (tx + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, text_color, thick,
-                        cv2.LINE_AA)
+        if not caption:
+            continue
+        scale = max(0.4, max(h, w) / 1200)
+        tag_w, tag_h, base = _tag_size(caption, scale, thick)
+        while (tag_w > w or tag_h > h) and scale > 0.2:
+            scale *= 0.8
+            tag_w, tag_h, base = _tag_size(caption, scale, thick)
+        top = p0[1] - tag_h if p0[1] - tag_h >= 0 else max(p0[1], 0)
+        top = min(top, max(h - tag_h, 0))
+        left = min(max(p0[0], 0), max(w - tag_w, 0))
+        cv2.rectangle(out, (left, top), (left + tag_w - 1, top + tag_h - 1), color, -1)
+        text_color = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
+        cv2.putText(out, caption, (left + 2, top + tag_h - 2 - base), cv2.FONT_HERSHEY_SIMPLEX, scale, text_color,
+                    thick, cv2.LINE_AA)
     return out
 
 
