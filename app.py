@@ -11,17 +11,19 @@ or when the Hub is unreachable they come at once from ``checkpoints/``. Models l
 from __future__ import annotations
 
 import argparse
+import base64
 import functools
 import html
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Mapping, NamedTuple, Optional, Union
 
 import cv2
 import gradio as gr
@@ -32,16 +34,12 @@ from PIL import Image
 
 from explain import DEFAULT_METHOD, METHODS, Explainer
 from fer_models.pipeline.faces import DEFAULT_DETECTOR, DETECTORS
+from fer_models.pipeline.overlay import colormap_lut, overlay_on_face
 from fer_models.pipeline import (
     DEFAULT_CHECKPOINT_DIR, ENV_MODEL_REPO, MAX_IMAGE_PIXELS, FacePredictor, ImageAnalysis, InputError,
     ModelLoadError, annotate, class_color, get_predictor,
 )
 from fer_models.pipeline.video import DEFAULT_SAMPLE_FPS, MAX_SECONDS, VideoAnalysis, analyze_video, read_frame_at
-
-try:  # explain.overlay renders heatmaps the same way everywhere; the fallback keeps the app usable without it
-    from explain.overlay import overlay_on_face as _overlay_on_face
-except ImportError:  # pragma: no cover
-    _overlay_on_face = None
 
 try:  # Hugging Face ZeroGPU: request a GPU per call only where the `spaces` package exists
     import spaces
@@ -56,25 +54,76 @@ log = logging.getLogger("fer_app")
 # not Pillow, decides (and says so clearly).
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-TITLE = "Facial expression recognition: three backbones and their fusion"
+TITLE = "Facial expression recognition you can look inside"
 DESCRIPTION = """
-Upload a photo, take a webcam snapshot or upload a short video clip. Every face is found, aligned and classified
-into the FER2013 expressions by three CNN backbones (VGG19, ResNet18 and a CBAM attention network), whose votes
-a learned **fusion** layer combines. For each face you see the fused probabilities, each backbone's vote beside
-them, Grad-CAM heatmaps of every backbone and of the fused decision, and the attention maps.
-Read the heatmaps with care: on FER2013 test faces, Grad-CAM (the default, and the method whose maps depend most
-on the learned weights) removes the evidence better than random but not better than a plain centre blob for the
-fused decision (see the README's faithfulness table).
+Upload a photo, take a webcam snapshot or upload a short video. The app finds every face and tells which of seven
+facial expressions it shows most: angry, disgust, fear, happy, sad, surprise or neutral. Three neural networks
+look at each face and a small fusion step combines their votes. Each face gets a card with the combined answer,
+each network's vote, and heatmaps of the parts of the face the networks relied on.
+An expression is not an emotion, and the networks make mistakes, more often on photos unlike the ones they
+learned from: see *About the model*.
+"""
+# Static facts about the approach; the accuracies of the weights actually loaded come from model_info().
+ABOUT = """
+**What it is.** Three convolutional neural networks (VGG19, ResNet18, and a VGG19 with CBAM attention), each
+trained from scratch on FER2013: 28,709 small (48 x 48 pixel) grey face photos, each labelled with one of seven
+expressions. A small learned layer (the *fusion*) combines the three networks' outputs into the final answer.
+Faces are found by a face detector (MTCNN; BlazeFace and OpenCV's Haar cascade under *Options*), turned so the
+eyes are level, and shrunk to 48 x 48 grey pixels, as in FER2013.
+
+**How sure it is.** The confidence shown is calibrated on FER2013 PublicTest (temperature scaling): on faces like
+FER2013's, answers shown with 80% confidence should be right about 80% of the time. How well that holds on FER2013
+PrivateTest and on other photo collections is measured as the expected calibration error in the README.
+On photos unlike FER2013 (studio portraits, other lighting, other people) the shipped networks are right far less
+often: 39% to 46% on the JAFFE posed photos, for instance.
+
+**What the heatmaps can and cannot show.** Grad-CAM colours the parts of the face that raised the score of the
+explained expression most, for each network and for the combined decision. Each map is scaled to its own
+maximum, so compare *where* the networks look, not how strongly. On FER2013 test faces these maps pick out
+relevant regions better than a random map but no better than a plain blob in the middle of the face: they are a
+rough pointer, not proof of what drove a decision. The attention maps are the CBAM network's own weights, shown
+as they are on a fixed 0 to 1 scale (0: ignored, 1: kept in full); a map of one colour means that stage kept
+the whole face about equally.
+
+**What it is not.** A facial expression is not an emotion, and FER2013 has known biases (age, ethnicity, pose,
+label noise). This is a demo for looking inside models, not a tool for judging people.
 """
 PREDICTED = "predicted class"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "fer_app_outputs"
 OUTPUT_MAX_AGE_S = 3600
 DISPLAY_MAX_SIDE = 1280
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-CSS = """
-.prob-table {border-collapse: collapse; font-size: 0.85em; margin-bottom: 1em}
-.prob-table td, .prob-table th {padding: 2px 6px; border: 1px solid #ddd; text-align: left; min-width: 6em}
-.prob-table th.disagree {color: #c00}
+CSS = ""  # page-wide CSS for launch(); the result cards carry their own (CARD_CSS)
+THUMB_PX = 112  # displayed side of the face thumbnails in the cards (crops are 144 px: shrunk, never cut)
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "hirescam": "HiResCAM", "layercam": "LayerCAM",
+                "eigencam": "EigenCAM"}
+# Scoped to the cards' gr.HTML (css_template), so the cards look the same however the app is launched.
+CARD_CSS = """
+.fer-card {border: 1px solid var(--border-color-primary, #ddd); border-radius: 8px; padding: 10px 12px;
+  margin: 0 0 12px 0}
+.fer-card h3 {margin: 0 0 8px 0; font-size: 1.15em}
+.fer-card .fer-agree {font-weight: normal; font-size: 0.8em; opacity: 0.75}
+.fer-top {display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start}
+.fer-top img.fer-crop {border-radius: 4px}
+.fer-bars {border-collapse: collapse; font-size: 0.85em}
+.fer-bars td {padding: 1px 6px 1px 0; white-space: nowrap; border: none}
+.fer-bars caption {text-align: left; font-weight: 600; padding-bottom: 3px}
+.fer-bar {display: inline-block; height: 0.8em; border-radius: 2px; vertical-align: middle}
+.fer-track {display: inline-block; width: 110px; background: rgba(128,128,128,0.15); border-radius: 2px}
+.fer-dissent {color: #c00}
+.fer-maps {margin-top: 10px; display: flex; flex-wrap: wrap; gap: 10px 28px}
+.fer-maps table {border-collapse: collapse}
+.fer-maps caption {text-align: left; font-weight: 600; font-size: 0.9em; padding-bottom: 3px}
+.fer-maps th {font-weight: normal; font-size: 0.8em; text-align: center; padding: 0 3px; border: none}
+.fer-maps td {padding: 0 3px; border: none; text-align: center; vertical-align: top; font-size: 0.75em}
+.fer-maps img {display: block; border-radius: 3px}
+.fer-legend {display: flex; align-items: center; gap: 6px; font-size: 0.75em; margin-top: 4px; max-width: 600px}
+.fer-scale {display: inline-block; width: 140px; min-width: 140px; height: 10px; border-radius: 2px}
+.fer-compact {display: inline-flex; gap: 10px; align-items: center; margin: 0 12px 12px 0; padding: 6px 8px}
+.fer-compact h3 {font-size: 1em; margin: 0}
+details.fer-details {margin-top: 8px; font-size: 0.85em}
+.fer-table {border-collapse: collapse; margin-top: 4px}
+.fer-table td, .fer-table th {padding: 2px 6px; border: 1px solid var(--border-color-primary, #ddd); text-align: left}
 """
 
 
@@ -143,14 +192,6 @@ def _display(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
 
 
-def _overlay(face: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    if _overlay_on_face is not None:
-        return np.asarray(_overlay_on_face(face, heat))
-    h = cv2.resize(np.asarray(heat, np.float32), face.shape[1::-1], interpolation=cv2.INTER_LINEAR)
-    color = cv2.cvtColor(cv2.applyColorMap((h * 255).astype(np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    return (0.5 * face + 0.5 * color).astype(np.uint8)
-
-
 def tolerant_preprocess(component: gr.Image) -> gr.Image:
     """Make an image input hand bad uploads to our loader, which says what is wrong, instead of failing in
     Gradio's preprocessing with Pillow's bare error. (An instance patch: a gr.Image subclass would make Gradio
@@ -170,87 +211,173 @@ def tolerant_preprocess(component: gr.Image) -> gr.Image:
 # ----------------------------------------------------------------------------------------------------------------
 # Rendering result objects
 # ----------------------------------------------------------------------------------------------------------------
-def faces_html(analysis: ImageAnalysis) -> str:
-    """Per face: a table of the fused probabilities beside each backbone's; a dissenting vote is red."""
+def _img(rgb: np.ndarray, alt: str, px: int = THUMB_PX, cls: str = "") -> str:
+    """An <img> of ``rgb`` embedded as a JPEG data URI, shown whole at ``px`` x ``px`` (square crops and maps)."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, 90])
+    src = "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
+    return (f"<img src='{src}' width='{px}' height='{px}' alt='{html.escape(alt)}' title='{html.escape(alt)}'"
+            f"{f' class={chr(39)}{cls}{chr(39)}' if cls else ''}>")
+
+
+@functools.lru_cache(maxsize=1)
+def _scale_css() -> str:
+    """The heatmaps' colour table (explain.overlay's) as a CSS gradient from 0 (left) to 1 (right)."""
+    lut = colormap_lut()
+    stops = ", ".join(f"rgb({r},{g},{b}) {100 * i / 16:.0f}%"
+                      for i, (r, g, b) in enumerate(lut[np.linspace(0, 255, 17).astype(int)]))
+    return f"linear-gradient(90deg, {stops})"
+
+
+def _legend(low: str, high: str, text: str) -> str:
+    return (f"<div class='fer-legend'><span>{low}</span><span class='fer-scale' style='background: {_scale_css()}'>"
+            f"</span><span>{high}</span><span>{text}</span></div>")
+
+
+def _bar_row(name: str, label: str, value: float, *, bold: bool = False, dissent: bool = False) -> str:
+    r, g, b = class_color(label)
+    name_html = f"<b>{html.escape(name)}</b>" if bold else html.escape(name)
+    cls = " class='fer-dissent'" if dissent else ""
+    label_cell = f"<td{cls}>{html.escape(label)}</td>" if label != name else ""
+    return (f"<tr><td>{name_html}</td>{label_cell}<td><span class='fer-track'><span class='fer-bar' "
+            f"style='width: {100 * value:.1f}%; background: rgb({r},{g},{b})'></span></span></td>"
+            f"<td>{value:.0%}</td></tr>")
+
+
+def _probability_table(f: FacePrediction, class_names: list[str]) -> str:
+    """Every class's probability for the fusion and each backbone: the full numbers, for the curious."""
+    cols = [("fusion", f.probs, f.label)] + [(v.name, v.probs, v.label) for v in f.votes]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n, _, _ in cols)
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td>"
+        + "".join(f"<td>{'<b>' if c == lab else ''}{p[c]:.1%}{'</b>' if c == lab else ''}</td>" for _, p, lab in cols)
+        + "</tr>" for c in class_names)
+    return (f"<details class='fer-details'><summary>All probabilities</summary>"
+            f"<table class='fer-table'><tr><th>expression</th>{head}</tr>{rows}</table></details>")
+
+
+def _cam_row(f: FacePrediction, backbones: list[str], method: Optional[str]) -> str:
+    """The face, then its Grad-CAM for each backbone and for the fused decision, one labelled column each."""
+    names = [n for n in backbones if n in f.heatmaps] + [n for n in f.heatmaps if n not in backbones]
+    heads = ["face"] + ["fused decision" if n == "fusion" else n for n in names]
+    cells = [_img(f.crop, f"face #{f.index}")] + [
+        _img(overlay_on_face(f.crop, f.heatmaps[n]), f"face #{f.index}: {n}") for n in names]
+    what = METHOD_NAMES.get(method if method in METHOD_NAMES else DEFAULT_METHOD, method)
+    caption = f"{html.escape(what)}: where each network looked to score “{html.escape(f.cam_target or f.label)}”"
+    return (f"<div><table><caption>{caption}</caption><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in heads)}"
+            f"</tr><tr>{''.join(f'<td>{c}</td>' for c in cells)}</tr></table>"
+            + _legend("low", "high", "each map scaled to its own maximum: compare where, not how strongly") + "</div>")
+
+
+def _stage_label(layer: str) -> str:
+    """"stage3" (VGG) or "layer3" (ResNet) -> "stage 3"; other names as they are."""
+    m = re.fullmatch(r"(?:stage|layer)(\d+)", layer)
+    return f"stage {m.group(1)}" if m else layer
+
+
+def _value_range(m: np.ndarray) -> str:
+    """"min–max" of a map, leaving out the zero border where the model's centre crop cut the face frame."""
+    inside = m[m > 0]
+    return f"{float(inside.min()):.2f}–{float(inside.max()):.2f}" if inside.size else "0"
+
+
+def _attention_rows(f: FacePrediction) -> list[str]:
+    """Per attention network, its stages' maps on the absolute 0-1 scale (sigmoid outputs, not stretched), each
+    with its own range underneath."""
+    by_member: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for key, att in f.attention.items():
+        member, _, layer = key.partition("/")
+        by_member.setdefault(member, []).append((layer or member, np.asarray(att, np.float32)))
+    out = []
+    for member, maps in by_member.items():
+        heads = "".join(f"<th>{html.escape(_stage_label(layer))}</th>" for layer, _ in maps)
+        imgs = "".join(f"<td>{_img(overlay_on_face(f.crop, np.clip(m, 0, 1)), f'{member} {layer}')}"
+                       f"{_value_range(m)}</td>" for layer, m in maps)
+        out.append(f"<div><table><caption>{html.escape(member)} attention, by stage</caption><tr>{heads}</tr>"
+                   f"<tr>{imgs}</tr></table>"
+                   + _legend("0", "1", "attention weight as computed (0: ignored, 1: kept); not rescaled") + "</div>")
+    return out
+
+
+def face_card(f: FacePrediction, analysis: ImageAnalysis) -> str:
+    """One face: its aligned crop, the fused label and confidence, every class's fused probability, each
+    backbone's vote as a bar, and (for explained faces) its Grad-CAM and attention rows."""
+    r, g, b = class_color(f.label)
+    n_dissent = sum(v.label != f.label for v in f.votes)
+    agree = ("all backbones agree" if not n_dissent else
+             f"{n_dissent} of {len(f.votes)} backbone{'s' if len(f.votes) != 1 else ''} disagree")
+    fused = sorted(analysis.class_names, key=lambda c: -f.probs[c])
+    probs = "".join(_bar_row(c, c, f.probs[c], bold=c == f.label) for c in fused)
+    votes = "".join(_bar_row(v.name, v.label, v.confidence, dissent=v.label != f.label) for v in f.votes)
+    top = (f"<div class='fer-top'>{_img(f.crop, f'face #{f.index}', 144, 'fer-crop')}"
+           f"<table class='fer-bars'><caption>Fused probabilities</caption>{probs}</table>"
+           f"<table class='fer-bars'><caption>Each backbone's vote</caption>{votes}</table></div>")
+    if f.heatmaps is not None:
+        maps = "<div class='fer-maps'>" + "".join(
+            [_cam_row(f, analysis.backbones, analysis.cam_method)] + _attention_rows(f)) + "</div>"
+    else:
+        maps = "<p><small>No heatmaps for this face: they are computed for the largest faces only.</small></p>"
+    title = (f"<h3>#{f.index} <span style='color: rgb({r},{g},{b})'>{html.escape(f.label)}</span> "
+             f"{f.confidence:.0%} <span class='fer-agree'>({agree})</span></h3>")
+    return (f"<section class='fer-card' id='face-card-{f.index}' data-face='{f.index}' "
+            f"data-label='{html.escape(f.label)}'>{title}{top}{maps}"
+            f"{_probability_table(f, analysis.class_names)}</section>")
+
+
+def face_cards(analysis: ImageAnalysis) -> str:
+    """A card per face, in the order of the numbers drawn on the image."""
     if not analysis.faces:
-        return "<p>No faces.</p>"
-    parts = []
-    for f in analysis.faces:
-        cols = [("fusion", f.label, f.probs)] + [(v.name, v.label, v.probs) for v in f.votes]
-        agree = "all backbones agree" if f.agreement else "backbones disagree"
-        head = "".join(
-            f"<th class='{'agree' if lab == f.label else 'disagree'}'>{html.escape(n)}<br>{html.escape(lab)}</th>"
-            for n, lab, _ in cols)
-        rows = []
-        for c in analysis.class_names:
-            cells = []
-            for _, lab, p in cols:
-                v = p[c]
-                r, g, b = class_color(c)
-                style = f"background: linear-gradient(90deg, rgba({r},{g},{b},0.45) {v * 100:.1f}%, transparent 0)"
-                txt = f"<b>{v:.1%}</b>" if c == lab else f"{v:.1%}"
-                cells.append(f"<td style='{style}'>{txt}</td>")
-            rows.append(f"<tr><td>{html.escape(c)}</td>{''.join(cells)}</tr>")
-        parts.append(
-            f"<h4>Face #{f.index}: {html.escape(f.label)} ({f.confidence:.0%}), {agree}</h4>"
-            f"<table class='prob-table'><tr><th>class</th>{head}</tr>{''.join(rows)}</table>")
-    return "\n".join(parts)
+        return "<p>No faces to show.</p>"
+    return "<div class='fer-cards'>" + "".join(
+        face_card(f, analysis) for f in sorted(analysis.faces, key=lambda f: f.index)) + "</div>"
 
 
-def heatmap_gallery(analysis: ImageAnalysis) -> list[tuple[np.ndarray, str]]:
-    items = []
-    for f in analysis.faces:
-        if f.heatmaps is None:
-            continue
-        items.append((f.crop, f"#{f.index} face ({f.label})"))
-        for name, heat in f.heatmaps.items():
-            items.append((_overlay(f.crop, heat), f"#{f.index} {name}: {analysis.cam_method} for {f.cam_target}"))
-    return items
-
-
-def attention_gallery(analysis: ImageAnalysis) -> list[tuple[np.ndarray, str]]:
-    items = []
-    for f in analysis.faces:
-        if f.heatmaps is None:  # shown for the explained faces, beside their Grad-CAMs
-            continue
-        for name, att in f.attention.items():
-            items.append((_overlay(f.crop, att), f"#{f.index} {name} attention"))
-    return items
-
-
-def status_markdown(analysis: ImageAnalysis, source_text: str) -> str:
+def status_markdown(analysis: ImageAnalysis) -> str:
     n = len(analysis.faces)
-    lines = [f"**{n} face{'s' if n != 1 else ''} found** (detector: {analysis.detector}, "
-             f"test-time augmentation: {analysis.tta}) in {analysis.timings_ms.get('total', 0):.0f} ms."]
+    tta = "on" if analysis.tta == "tencrop" else "off"
+    lines = [f"**{n} face{'s' if n != 1 else ''} found** in {analysis.timings_ms.get('total', 0):.0f} ms "
+             f"(face detector: {analysis.detector}; ten-crop averaging: {tta})."]
     lines += [f"- {html.escape(note)}" for note in analysis.notes]
-    lines.append(f"\n<small>{source_text}</small>")
     return "\n".join(lines)
 
 
-def top_label(analysis: ImageAnalysis) -> Optional[dict]:
-    return analysis.faces[0].probs if analysis.faces else None
-
-
-def timeline_figure(va: VideoAnalysis, max_tracks: int = 6) -> Figure:
-    tracks = sorted(va.tracks, key=lambda t: -t.frames)[:max_tracks]
-    fig = Figure(figsize=(9, 2.4 * max(1, len(tracks))), layout="constrained")
+def timeline_figure(va: VideoAnalysis, max_tracks: int = 6,
+                    smoothed: Optional[Mapping[int, tuple[np.ndarray, np.ndarray]]] = None) -> Figure:
+    """One panel per tracked face (the ``max_tracks`` longest tracks, in order of appearance): each expression's
+    fused probability over time. Raw values are dots joined by thin lines; ``smoothed`` (track id -> times and a
+    T x C array, where the pipeline smooths) is drawn over them as thick lines. The y axis runs a little past 0
+    and 1 so that lines at exactly 0 or 1 stay visible."""
+    tracks = sorted(sorted(va.tracks, key=lambda t: -t.frames)[:max_tracks], key=lambda t: t.track_id)
+    fig = Figure(figsize=(9, 0.6 + 2.0 * max(1, len(tracks))), layout="constrained")
     if not tracks:
         ax = fig.add_subplot()
         ax.text(0.5, 0.5, "no faces found", ha="center", va="center")
         ax.set_axis_off()
         return fig
     axes = fig.subplots(len(tracks), 1, squeeze=False, sharex=True)[:, 0]
+    smooth = smoothed or {}
     for ax, tr in zip(axes, tracks):
         ts, ps = va.timeline(tr.track_id)
+        has_smooth = tr.track_id in smooth
         for j, c in enumerate(va.class_names):
-            ax.plot(ts, ps[:, j], label=c, color=np.array(class_color(c)) / 255, lw=1.5, marker=".", ms=3)
-        ax.set_ylim(0, 1)
+            color = np.array(class_color(c)) / 255
+            ax.plot(ts, ps[:, j], color=color, lw=0.8 if has_smooth else 1.5, marker=".", ms=4,
+                    alpha=0.5 if has_smooth else 1.0, label=None if has_smooth else c)
+            if has_smooth:
+                sts, sps = smooth[tr.track_id]
+                ax.plot(sts, np.asarray(sps)[:, j], color=color, lw=2.2, label=c)
+        ax.set_ylim(-0.06, 1.06)
+        ax.set_yticks([0, 0.5, 1])
+        ax.grid(axis="y", alpha=0.3)
         ax.set_ylabel("probability")
-        ax.set_title(f"Face ID{tr.track_id}: mostly {tr.dominant} ({tr.share[tr.dominant]:.0%} of its frames)",
-                     fontsize=10)
+        kind = " (dots: each frame; lines: smoothed)" if has_smooth else ""
+        ax.set_title(f"Face ID{tr.track_id}: mostly {tr.dominant} ({tr.share[tr.dominant]:.0%} of its frames){kind}",
+                     fontsize=10, loc="left")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    axes[-1].set_xlabel("time (s)")
+    axes[-1].set_xlabel("time in the clip (s)")
+    if len(va.tracks) > len(tracks):
+        fig.suptitle(f"The {len(tracks)} longest of {len(va.tracks)} tracked faces", fontsize=10)
     return fig
 
 
@@ -265,26 +392,50 @@ def summary_table(va: VideoAnalysis) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=summary_headers(va.class_names))
 
 
-def render_image(analysis: ImageAnalysis, rgb: np.ndarray, pred: FacePredictor) -> tuple:
-    """A photo's or frame's eight outputs: annotated image, status, top label, then :func:`_face_panels`' five."""
+def render_image(analysis: ImageAnalysis, rgb: np.ndarray) -> tuple:
+    """A photo's or frame's five outputs: annotated image, status, the face cards, the JSON file and its dict."""
     json_path = _output_path("fer_result.json")
     Path(json_path).write_text(analysis.to_json())
-    return (
-        _display(annotate(rgb, analysis.faces)), status_markdown(analysis, pred.source.describe()),
-        top_label(analysis), faces_html(analysis), heatmap_gallery(analysis), attention_gallery(analysis),
-        json_path, analysis.to_dict(),
-    )
+    return (_display(annotate(rgb, analysis.faces)), status_markdown(analysis), face_cards(analysis), json_path,
+            analysis.to_dict())
 
 
-def video_status_markdown(va: VideoAnalysis, source_text: str) -> str:
+def video_status_markdown(va: VideoAnalysis) -> str:
     n = len(va.tracks)
     lines = [f"**{len(va.frames)} frames analysed** ({va.sample_fps:g} per second, "
-             f"{va.analysed_seconds:.1f} s of a {va.info.duration:.1f} s {va.info.width}x{va.info.height} "
+             f"{va.analyzed_seconds:.1f} s of a {va.info.duration:.1f} s {va.info.width}x{va.info.height} "
              f"{va.info.codec} clip), {n} face track{'s' if n != 1 else ''}, "
              f"in {va.timings_ms.get('total', 0) / 1000:.1f} s."]
     lines += [f"- {html.escape(note)}" for note in va.notes]
-    lines.append(f"\n<small>{source_text}</small>")
     return "\n".join(lines)
+
+
+def model_facts(results: Optional[dict], backbones: list[str]) -> str:
+    """The accuracies a checkpoint's results.json records, in plain words ("" when it records none of them)."""
+    results = results or {}
+
+    def accuracy(key: str) -> Optional[float]:
+        v = results.get(key)
+        return float(v["accuracy"]) if isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float)) else None
+
+    private, tencrop, ck = accuracy("PrivateTest/center"), accuracy("PrivateTest/tencrop"), accuracy("ckplus48/center")
+    if private is None:
+        return ""
+    row = results["PrivateTest/center"]
+    n = f"{row['n']:,} " if isinstance(row.get("n"), int) else ""
+    text = (f"**How often it is right.** On FER2013's PrivateTest set ({n}faces used neither for training nor for "
+            f"choosing the model) the combined answer is right {private:.1%} of the time")
+    if tencrop is not None:
+        text += f" ({tencrop:.1%} when ten shifted crops of each face are averaged)"
+    members = {k: v["accuracy"] for k, v in (row.get("members") or {}).items() if isinstance(v, dict) and "accuracy" in v}
+    if members:
+        text += "; each network alone: " + ", ".join(f"{k} {members[k]:.1%}" for k in backbones if k in members)
+    text += "."
+    if ck is not None:
+        n_ck = results["ckplus48/center"].get("n")
+        text += (f" On CK+, another collection ({f'{n_ck:,} ' if isinstance(n_ck, int) else ''}posed faces of the "
+                 f"six expressions it shares with FER2013), {ck:.1%}.")
+    return text
 
 
 def _target(cam_target: Optional[str]) -> Optional[str]:
@@ -314,7 +465,7 @@ def make_handlers(holder: PredictorHolder) -> Handlers:
             image, detector=detector or None, tta=bool(tta), whole_image=bool(whole_image), explain=True,
             cam_method=cam_method or DEFAULT_METHOD, cam_target=_target(cam_target),
         )
-        return render_image(analysis, rgb, pred)
+        return render_image(analysis, rgb)
 
     @GPU(duration=120)
     @user_errors
@@ -327,9 +478,9 @@ def make_handlers(holder: PredictorHolder) -> Handlers:
         va = analyze_video(pred, video, sample_fps=float(sample_fps or DEFAULT_SAMPLE_FPS),
                            detector=detector or None, tta=bool(tta), out_path=_output_path("fer_annotated.mp4"),
                            progress=lambda f, text: progress(f, desc=text))
-        last = max(va.analysed_seconds, 0.0)
+        last = max(va.analyzed_seconds, 0.0)
         return (va.annotated_path, timeline_figure(va), summary_table(va), va.to_csv(_output_path("fer_frames.csv")),
-                video_status_markdown(va, pred.source.describe()), va.to_dict(),
+                video_status_markdown(va), va.to_dict(),
                 gr.update(maximum=max(last, 0.1), value=min(last, last / 2)))
 
     @GPU
@@ -343,12 +494,14 @@ def make_handlers(holder: PredictorHolder) -> Handlers:
         analysis = pred.analyze_array(rgb, detector=detector or None, explain=True,
                                       cam_method=cam_method or DEFAULT_METHOD, cam_target=_target(cam_target),
                                       notes=[f"Frame at {t:.2f} s."])
-        return render_image(analysis, rgb, pred)
+        return render_image(analysis, rgb)
 
     def model_info() -> str:
+        """The loaded weights: their recorded accuracies in plain words, and where they come from."""
         try:
             pred = holder.get()
-            return f"{pred.source.describe()} Backbones: {', '.join(pred.backbones)}."
+            return model_facts(pred.source.results, pred.backbones) + (
+                f"\n\n<small>{pred.source.describe()} Backbones: {', '.join(pred.backbones)}.</small>")
         except ModelLoadError as e:
             return f"**No model loaded:** {e}"
 
@@ -360,67 +513,65 @@ def _explain_options(class_choices: list[str]) -> tuple[gr.Dropdown, gr.Dropdown
             gr.Dropdown(class_choices, value=PREDICTED, allow_custom_value=True, label="Explain which class"))
 
 
-def _face_panels(ids: bool = False) -> list:
-    """Per-face table, Grad-CAM and attention galleries, JSON result: the last five of an image's outputs."""
-    faces = gr.HTML(label="Per face: fusion and each backbone's vote", elem_id="faces-table" if ids else None)
-    with gr.Row():
-        cams = gr.Gallery(label="Grad-CAM: each backbone and the fused decision", columns=5, height=320,
-                          elem_id="cam-gallery" if ids else None)
-        atts = gr.Gallery(label="CBAM spatial attention", columns=4, height=320,
-                          elem_id="attention-gallery" if ids else None)
-    with gr.Row():
-        json_file, json_view = gr.File(label="Result (JSON)"), gr.JSON(label="Result", open=False)
-    return [faces, cams, atts, json_file, json_view]
+def _result_panels(ids: bool = False) -> list:
+    """The face cards and the JSON result (a file, and a collapsed view): the last three of an image's outputs."""
+    cards = gr.HTML("", css_template=CARD_CSS, elem_id="face-cards" if ids else None, js_on_load=None)
+    with gr.Accordion("Result as JSON", open=False):
+        json_file = gr.File(label="Download the result (JSON)", elem_id="result-json" if ids else None)
+        json_view = gr.JSON(label="Result", open=False)
+    return [cards, json_file, json_view]
 
 
 def image_tab(h: Handlers, class_choices: list[str]) -> None:
+    # image_mode=None: Gradio passes the file through untouched (with "RGB" it would decode and re-encode every
+    # upload, 20000 x 20000 ones included); our loader converts. Rendered below the examples that fill it.
+    image_in = tolerant_preprocess(gr.Image(
+        label="Image (upload, webcam or paste)", type="filepath", image_mode=None,
+        sources=["upload", "webcam", "clipboard"], elem_id="image-input", render=False))
+    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+    if examples:
+        gr.Examples(examples, inputs=image_in, label="Try an example (generated from a public-domain photo)")
     with gr.Row():
         with gr.Column(scale=1):
-            # image_mode=None: Gradio passes the file through untouched (with "RGB" it would decode and re-encode
-            # every upload, 20000 x 20000 ones included); our loader converts.
-            image_in = tolerant_preprocess(gr.Image(
-                label="Image (upload, webcam or paste)", type="filepath", image_mode=None,
-                sources=["upload", "webcam", "clipboard"], elem_id="image-input"))
+            image_in.render()
+            whole_in = gr.Checkbox(False, label="If no face is found, classify the whole image as one face")
+            image_btn = gr.Button("Analyse image", variant="primary", elem_id="analyze-image")
             with gr.Accordion("Options", open=False):
                 detector_in = gr.Radio(list(DETECTORS), value=DEFAULT_DETECTOR, label="Face detector")
                 tta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
                 method_in, target_in = _explain_options(class_choices)
-            whole_in = gr.Checkbox(False, label="If no face is found, classify the whole image as one face")
-            image_btn = gr.Button("Analyse image", variant="primary", elem_id="analyze-image")
         with gr.Column(scale=2):
-            annotated_out = gr.Image(label="Faces", type="numpy", format="jpeg", elem_id="annotated")
+            annotated_out = gr.Image(label="Faces found", type="numpy", format="jpeg", elem_id="annotated")
             status_out = gr.Markdown(elem_id="image-status")
-            label_out = gr.Label(num_top_classes=7, label="Face #1, fused prediction", elem_id="top-label")
-    outputs = [annotated_out, status_out, label_out] + _face_panels(ids=True)
-    examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
-    if examples:
-        gr.Examples(examples, inputs=image_in, label="Examples (generated or from scikit-image)")
+    outputs = [annotated_out, status_out] + _result_panels(ids=True)
     image_btn.click(h.analyze_image, [image_in, detector_in, tta_in, method_in, target_in, whole_in], outputs,
                     api_name="analyze_image", concurrency_id="model")
 
 
 def video_tab(h: Handlers, class_choices: list[str]) -> None:
-    with gr.Row():
-        with gr.Column(scale=1):
-            video_in = gr.Video(label=f"Video clip (mp4, webm, mov, avi; up to {MAX_SECONDS:.0f} s)",
-                                sources=["upload"], format=None, include_audio=True, elem_id="video-input")
-            fps_in = gr.Slider(1, 10, value=DEFAULT_SAMPLE_FPS, step=1, label="Frames analysed per second")
-            detector_in = gr.Radio(list(DETECTORS), value=DEFAULT_DETECTOR, label="Face detector")
-            tta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
-            video_btn = gr.Button("Analyse video", variant="primary", elem_id="analyze-video")
-        with gr.Column(scale=2):
-            video_out = gr.Video(label="Annotated video (H.264)", format=None, elem_id="annotated-video")
-            status_out = gr.Markdown()
+    video_in = gr.Video(label=f"Video clip (mp4, webm, mov, avi; up to {MAX_SECONDS:.0f} s)", sources=["upload"],
+                        format=None, include_audio=True, elem_id="video-input", render=False)
     videos = sorted(str(p) for p in EXAMPLES_DIR.glob("*.mp4"))
     if videos:
-        gr.Examples(videos, inputs=video_in, label="Example clip (generated)")
-    timeline_out = gr.Plot(label="Emotion timeline per face")
+        gr.Examples(videos, inputs=video_in, label="Try an example clip (generated)")
+    with gr.Row():
+        with gr.Column(scale=1):
+            video_in.render()
+            fps_in = gr.Slider(1, 10, value=DEFAULT_SAMPLE_FPS, step=1, label="Frames analysed per second")
+            video_btn = gr.Button("Analyse video", variant="primary", elem_id="analyze-video")
+            with gr.Accordion("Options", open=False):
+                detector_in = gr.Radio(list(DETECTORS), value=DEFAULT_DETECTOR, label="Face detector")
+                tta_in = gr.Checkbox(False, label="Ten-crop test-time augmentation (slower)")
+        with gr.Column(scale=2):
+            video_out = gr.Video(label="Annotated video (H.264)", format=None, elem_id="annotated-video")
+            status_out = gr.Markdown(elem_id="video-status")
+    timeline_out = gr.Plot(label="Expression timeline, one panel per tracked face", elem_id="timeline")
     summary_out = gr.Dataframe(headers=summary_headers(class_choices[1:]), label="Summary per face",
                                interactive=False)
-    with gr.Row():
-        csv_out = gr.File(label="Per-frame results (CSV)")
+    with gr.Accordion("Per-frame results (CSV) and summary (JSON)", open=False):
+        csv_out = gr.File(label="Download the per-frame results (CSV)")
         json_out = gr.JSON(label="Summary", open=False)
-    gr.Markdown("### Grad-CAM for one frame")
+    gr.Markdown("### Heatmaps for one frame")
     with gr.Row():
         time_in = gr.Slider(0, MAX_SECONDS, value=0, step=0.1, label="Frame time (s)")
         method_in, target_in = _explain_options(class_choices)
@@ -428,8 +579,7 @@ def video_tab(h: Handlers, class_choices: list[str]) -> None:
     with gr.Row():
         frame_out = gr.Image(label="Frame", type="numpy", format="jpeg")
         frame_status_out = gr.Markdown()
-    frame_label_out = gr.Label(num_top_classes=7, label="Face #1, fused prediction")
-    frame_outputs = [frame_out, frame_status_out, frame_label_out] + _face_panels()
+    frame_outputs = [frame_out, frame_status_out] + _result_panels()
     video_btn.click(h.analyze_clip, [video_in, fps_in, detector_in, tta_in],
                     [video_out, timeline_out, summary_out, csv_out, status_out, json_out, time_in],
                     api_name="analyze_video", concurrency_id="model")
@@ -438,13 +588,16 @@ def video_tab(h: Handlers, class_choices: list[str]) -> None:
 
 
 def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) -> gr.Blocks:
-    """The Gradio app. ``predictor``: a ready FacePredictor (tests), a holder, or None (load on first use)."""
+    """The Gradio app. ``predictor``: a ready FacePredictor (tests), a holder, or None (load on first use).
+    Each tab is one function over the shared handlers; a new tab is one more ``with gr.Tab(...)`` line here."""
     holder = predictor if isinstance(predictor, PredictorHolder) else PredictorHolder(predictor)
     handlers = make_handlers(holder)
     class_choices = [PREDICTED] + _class_names_hint(holder)
     with gr.Blocks(title="Facial expression recognition", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
-        model_md = gr.Markdown("Loading model information...")
+        with gr.Accordion("About the model", open=False, elem_id="about-model"):
+            gr.Markdown(ABOUT)
+            model_md = gr.Markdown("Loading model information...")
         with gr.Tab("Image or webcam"):
             image_tab(handlers, class_choices)
         with gr.Tab("Video clip"):

@@ -7,7 +7,7 @@ the next good request still works.
 from __future__ import annotations
 
 import json
-import socket
+import re
 from pathlib import Path
 
 import av
@@ -26,13 +26,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 explain = pytest.importorskip("explain", reason="explain/ is needed by the app")
 
 
+from conftest import free_port  # noqa: E402
 from media import astronaut_face, faces_image, make_video  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +59,11 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory, fusion_tiny):
     import app
 
     ckpt = tmp_path_factory.mktemp("ckpt")
-    fm.create_model("fusion_tiny").save_pretrained(ckpt)
+    fusion_tiny.save_pretrained(ckpt)
     (ckpt / "results.json").write_text(json.dumps({"PrivateTest": {"accuracy": 0.25}}))
     model, source = load_model_with_fallback(None, ckpt, device="cpu")
     predictor = FacePredictor(model, explainer=explain.Explainer(model), source=source, max_explained=4)
@@ -86,13 +81,19 @@ def analyze_image(client, path, detector="mtcnn", tta=False, method="gradcam", t
     return client.predict(handle_file(path), detector, tta, method, target, whole, api_name="/analyze_image")
 
 
+def card_sections(cards_html: str) -> list[str]:
+    """The result cards' HTML, one string per face card, in page order."""
+    return re.findall(r"<section class='fer-card'.*?</section>", cards_html, flags=re.S)
+
+
 def check_image_result(out, n_faces, explained=None):
-    annotated, status, label, faces_html, cams, atts, json_file, result = out
+    annotated, status, cards, json_file, result = out
     assert Path(annotated).is_file()
     w, h = result["image"]["width"], result["image"]["height"]
     assert Image.open(annotated).size == (w, h) or max(Image.open(annotated).size) == 1280
     assert result["num_faces"] == n_faces == len(result["faces"])
     assert json.loads(Path(json_file).read_text()) == result
+    assert "Weights:" not in status  # the model's facts live in "About the model", not under every result
     classes = result["class_names"]
     for f in result["faces"]:
         b = f["box"]
@@ -103,13 +104,24 @@ def check_image_result(out, n_faces, explained=None):
             assert sum(v["probs"].values()) == pytest.approx(1, abs=1e-3) and v["label"] in classes
     explained = n_faces if explained is None else explained
     assert sum(f["explained"] for f in result["faces"]) == explained
-    # Gallery: each explained face, then one Grad-CAM per backbone and one for the fusion.
-    assert len(cams) == explained * (1 + len(result["backbones"]) + 1)
-    for item in cams:
-        assert Image.open(item["image"]).size == (144, 144)
-    if n_faces:
-        assert label["label"] == result["faces"][0]["label"] and len(label["confidences"]) == 7
-        assert atts and len(atts) % explained == 0 and "Face #1" in faces_html and "fusion" in faces_html
+    # One card per face, in the order of the numbers on the image, each with its label, confidence and votes;
+    # an explained face's card has a labelled Grad-CAM column per backbone and for the fusion, a legend for each
+    # scale, and its attention row labelled by stage.
+    sections = card_sections(cards)
+    assert len(sections) == n_faces
+    for card, f in zip(sections, result["faces"]):
+        assert f"data-face='{f['index']}'" in card and f"data-label='{f['label']}'" in card
+        assert f"#{f['index']} " in card and f"{f['confidence']:.0%}" in card
+        assert all(name in card for name in result["backbones"])
+        n_img = card.count("<img ")
+        if f["explained"]:
+            assert all(f"<th>{name}</th>" in card for name in result["backbones"]) and "<th>fused decision</th>" in card
+            assert "scaled to its own maximum" in card and "not rescaled" in card and "<th>stage 1</th>" in card
+            assert n_img >= 1 + 1 + len(result["backbones"]) + 1 + 1  # crop, face, CAMs, fusion, attention
+        else:
+            assert n_img == 1 and "No heatmaps for this face" in card
+    if not n_faces:
+        assert "No faces" in cards
     return result
 
 
@@ -126,8 +138,15 @@ def test_model_info(client):
 def test_analyze_image(client, files):
     out = analyze_image(client, files["one"])
     result = check_image_result(out, 1)
-    assert "1 face found" in out[1] and "PrivateTest accuracy" in out[1]
+    assert "1 face found" in out[1]
     assert result["faces"][0]["cam_target"] == result["faces"][0]["label"]
+
+
+def test_three_faces_three_cards(client):
+    """The example group photo: a card for every face, numbered as on the image."""
+    out = analyze_image(client, str(Path(__file__).resolve().parents[1] / "examples" / "three_faces.jpg"))
+    result = check_image_result(out, 3)
+    assert [f["index"] for f in result["faces"]] == [1, 2, 3] and "3 faces found" in out[1]
 
 
 def test_analyze_image_options(client, files):
@@ -195,6 +214,70 @@ def test_bad_videos(client, files):
     # Still serving.
     out = client.predict(handle_file(files["video"]), 2, "haar", False, api_name="/analyze_video")
     assert out[5]["frames_analysed"] >= 3
+
+
+def test_tag_at_the_top_edge_moves_inside_the_image():
+    """A face touching the top (and right) edge keeps its whole "#1 happy 96%" tag inside the image."""
+    from fer_models.pipeline import draw_boxes
+    from fer_models.pipeline.faces import FaceBox
+
+    color = (250, 190, 0)
+
+    def tag_size(box, shape):
+        canvas = np.zeros(shape, np.uint8)
+        tagged = draw_boxes(canvas, [(box, "#1 happy 96%", color)])
+        plain = draw_boxes(canvas, [(box, "", color)])
+        ys, xs = np.nonzero((tagged == color).all(-1) & ~(plain == color).all(-1))
+        return ys.min(), ys.max() - ys.min(), xs.max() - xs.min()
+
+    _, roomy_h, roomy_w = tag_size(FaceBox(100, 100, 180, 190), (400, 400, 3))
+    top, h, w = tag_size(FaceBox(330, 0, 420, 90), (400, 400, 3))
+    assert (h, w) == (roomy_h, roomy_w) and top >= 0  # not clipped, and inside the box's top instead of above it
+
+
+def _fake_video(n_tracks: int, frames: int = 5):
+    from fer_models.pipeline.faces import FaceBox
+    from fer_models.pipeline.results import FacePrediction
+    from fer_models.pipeline.video import FrameResult, TrackedFace, VideoAnalysis, VideoInfo, summarise_tracks
+
+    classes = list(fm.FER2013_CLASSES)
+    result = []
+    for i in range(frames):
+        faces = []
+        for t in range(1, n_tracks + 1):
+            label = classes[(i + t) % 2]  # probabilities of exactly 0 and 1: the lines on the plot's frame
+            probs = {c: float(c == label) for c in classes}
+            faces.append(TrackedFace(t, FacePrediction(t, FaceBox(0, 0, 10, 10), label, 1.0, probs, [],
+                                                       np.zeros((0, 0, 3), np.uint8))))
+        result.append(FrameResult(i, i * 0.2, faces))
+    return VideoAnalysis(VideoInfo(64, 48, 5.0, 1.0, "h264"), 5.0, result, summarise_tracks(result, classes),
+                         classes, [], "mtcnn")
+
+
+def test_timeline_panels_margins_and_smoothing():
+    import app
+
+    va = _fake_video(8)
+    fig = app.timeline_figure(va)
+    assert len(fig.axes) == 6  # one panel per face, the 6 longest tracks
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert lo < 0 and hi > 1  # lines at exactly 0 and 1 stay visible inside the frame
+        assert len(ax.get_lines()) == len(va.class_names)
+    ts, ps = va.timeline(1)
+    fig = app.timeline_figure(_fake_video(2), smoothed={1: (ts, ps * 0.5)})
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2 * len(va.class_names), len(va.class_names)]
+    assert "smoothed" in fig.axes[0].get_title("left") and "smoothed" not in fig.axes[1].get_title("left")
+
+
+def test_model_facts_in_plain_words():
+    import app
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "checkpoints" / "results.json").read_text())
+    text = app.model_facts(results, ["vgg19", "resnet18", "vgg19_cbam"])
+    private = results["PrivateTest/center"]["accuracy"]
+    assert f"{private:.1%}" in text and "3,589" in text and "vgg19_cbam" in text and "CK+" in text
+    assert app.model_facts({"PrivateTest": {"accuracy": 0.25}}, []) == ""
 
 
 def test_app_imports_without_loading_a_model():

@@ -1,26 +1,31 @@
-"""The app in a real browser: Chromium (Debian package, driven by Playwright) uploads a photo, runs the analysis
-and finds the rendered label, per-face table and heatmaps; takes a webcam snapshot from a fake camera that films
-the astronaut's face; uploads a clip and plays the annotated H.264 result. Screenshots go to test-artifacts/.
+"""The app in a real browser: Chromium (Debian package, driven by Playwright) uploads the three-face example photo
+and finds a result card per face, numbered and labelled; takes a webcam snapshot from a fake camera that films the
+astronaut's face; uploads a clip and plays the annotated H.264 result. The app runs the shipped weights in
+``checkpoints/`` (so the screenshots show real results). Full-page screenshots go to test-artifacts/; the README's
+screenshot is the photo result's first screen, written to docs/img/app_result.png when UPDATE_DOCS_SCREENSHOT=1.
 
 Needs ``apt-get install -y chromium`` (never ``playwright install``: it downloads browsers); skipped without it.
 Set ``CHROMIUM_PATH`` to use another binary.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from skimage import data
 
-import fer_models as fm
-from fer_models.pipeline import FacePredictor
+from conftest import free_port
+from fer_models.pipeline import FacePredictor, load_model_with_fallback
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
+THREE_FACES = REPO_ROOT / "examples" / "three_faces.jpg"
+CLASSES = "angry|disgust|fear|happy|sad|surprise|neutral"
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -35,11 +40,9 @@ explain = pytest.importorskip("explain", reason="explain/ is needed by the app")
 def app_url():
     import app
 
-    model = fm.create_model("fusion_tiny").eval()
-    demo = app.build_demo(FacePredictor(model, explainer=explain.Explainer(model)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    model, source = load_model_with_fallback(None, REPO_ROOT / "checkpoints", device="cpu")
+    demo = app.build_demo(FacePredictor(model, explainer=explain.Explainer(model), source=source))
+    port = free_port()
     app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/"
@@ -47,29 +50,60 @@ def app_url():
         demo.close()
 
 
-def test_upload_and_analyse_in_chromium(app_url, tmp_path):
-    photo = tmp_path / "astronaut.jpg"
-    Image.fromarray(data.astronaut()).save(photo, quality=90)
+def small_png(png: bytes, path: Path, width: int = 1000, max_bytes: int = 300_000) -> None:
+    """A screenshot shrunk to ``width`` px and reduced to 256 colours, so it stays a small file."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    img.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    assert path.stat().st_size < max_bytes, path.stat().st_size
+
+
+def test_three_faces_three_cards_in_chromium(app_url):
+    """The three-face example: one card per face, numbered 1-3 as on the image, each with its label; the cards
+    grow the page instead of scrolling inside a box."""
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
-            page.locator("#image-input input[type=file]").set_input_files(str(photo), timeout=30_000)
+            page.locator("#image-input input[type=file]").set_input_files(str(THREE_FACES), timeout=30_000)
             page.locator("#image-input img").first.wait_for(timeout=30_000)  # the upload preview
             page.locator("#analyze-image").click()
-            label = page.locator("#top-label")
-            label.locator("text=/angry|disgust|fear|happy|sad|surprise|neutral/").first.wait_for(timeout=90_000)
-            page.locator("#faces-table").get_by_text("Face #1").wait_for(timeout=30_000)
-            cams = page.locator("#cam-gallery img")
-            cams.first.wait_for(timeout=30_000)
-            assert cams.count() >= 2  # the face and its heatmaps
-            assert "1 face found" in page.locator("#image-status").inner_text()
+            cards = page.locator("#face-cards .fer-card")
+            cards.nth(2).wait_for(timeout=120_000)
+            assert cards.count() == 3
+            titles = [cards.nth(i).locator("h3").inner_text() for i in range(3)]
+            for i, title in enumerate(titles, 1):
+                assert re.match(rf"#{i} ({CLASSES}) \d+%", title), titles
+                assert cards.nth(i - 1).get_attribute("data-label") in CLASSES.split("|")
+                assert cards.nth(i - 1).get_by_text("fused decision").count() == 1
+                assert cards.nth(i - 1).get_by_text("stage 1", exact=True).count() == 1
+            assert "3 faces found" in page.locator("#image-status").inner_text()
+            assert "Weights:" not in page.locator("#image-status").inner_text()
             assert page.locator("#annotated img").count() == 1
+            # No inner scroll box: the cards' container is as tall as its content.
+            assert page.evaluate("() => { const e = document.querySelector('#face-cards');"
+                                 " return e.scrollHeight - e.clientHeight; }") <= 1
+            # Thumbnails show the whole face: every map is drawn at its own square size, not cut to fit.
+            assert page.evaluate("() => [...document.querySelectorAll('#face-cards img')].every(i =>"
+                                 " i.complete && i.naturalWidth > 0 && Math.abs(i.clientWidth - i.clientHeight) <= 1)")
+            # The model's facts are in the collapsed "About the model" section.
+            page.get_by_text("About the model").first.click()
+            page.get_by_text("How often it is right").wait_for(timeout=30_000)
+            page.get_by_text("About the model").first.click()
+            page.locator("#annotated").scroll_into_view_if_needed()
+            top = page.locator("#annotated").bounding_box()["y"] + page.evaluate("window.scrollY")
+            first = cards.nth(0).bounding_box()
+            bottom = first["y"] + first["height"] + page.evaluate("window.scrollY")
             page.screenshot(path=str(ARTIFACTS / "app_image_analysis.png"), full_page=True)
+            shot = page.screenshot(full_page=True, clip={"x": 0, "y": max(0, top - 120), "width": 1280,
+                                                         "height": min(bottom, top + 1500) - max(0, top - 120) + 10})
+            small_png(shot, ARTIFACTS / "app_result.png")
+            if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":
+                small_png(shot, REPO_ROOT / "docs" / "img" / "app_result.png")
             assert not errors, errors
         finally:
             browser.close()
@@ -117,12 +151,12 @@ def test_webcam_snapshot_in_chromium(app_url, tmp_path):
             page.locator("#image-input").get_by_label("capture photo").click()
             page.locator("#image-input img").first.wait_for(timeout=30_000)  # the snapshot replaces the stream
             page.locator("#analyze-image").click()
-            page.locator("#top-label").locator(
-                "text=/angry|disgust|fear|happy|sad|surprise|neutral/").first.wait_for(timeout=90_000)
+            page.locator("#face-cards .fer-card").first.wait_for(timeout=90_000)
             status = page.locator("#image-status").inner_text()
             page.screenshot(path=str(ARTIFACTS / "app_webcam_snapshot.png"), full_page=True)
             assert "1 face found" in status, status
-            assert page.locator("#cam-gallery img").count() >= 2
+            assert page.locator("#face-cards .fer-card").count() == 1
+            assert page.locator("#face-cards .fer-card img").count() >= 2  # the face and its heatmaps
             assert not errors, errors
         finally:
             browser.close()
@@ -157,6 +191,7 @@ def test_video_tab_in_chromium(app_url, tmp_path):
             page.locator("#analyze-video").click()
             page.locator("#annotated-video video").first.wait_for(timeout=90_000)
             assert page.get_by_text("frames analysed").count() >= 1
+            page.locator("#timeline img").first.wait_for(timeout=30_000)  # the timeline, one panel per face
             # The browser decodes the annotated H.264 result: metadata loaded, a duration, a picture size.
             page.wait_for_function("() => { const v = document.querySelector('#annotated-video video');"
                                    " return v && v.readyState >= 1 && v.duration > 0 && v.videoWidth > 0; }",
