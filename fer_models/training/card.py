@@ -58,6 +58,26 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def robustness_section(rob: dict, out: Path) -> str:
+    """The card's "Robustness" section from ``results["robustness"]`` (written by ``python -m fer_models.robustness
+    --update-card``): the table, and the plot when its file is in the card's folder."""
+    from .robustness import format_table
+
+    base = rob["names"].get("baseline")
+    plot = rob.get("plot")
+    img = f"![accuracy under perturbation]({plot})\n\n" if plot and (Path(out) / plot).is_file() else ""
+    n = f"{rob['n']} faces" + (f" (a fixed subset of {rob.get('split', 'the split')})" if rob.get("subset") else "")
+    return (f"## Robustness (FER2013 {rob.get('split', 'PrivateTest')}, perturbed)\n\n"
+            f"Accuracy on {n}, {rob.get('tta', 'center')} crop, under lighting, optics, compression, noise, in-plane "
+            f"rotation and occlusion perturbations (seed {rob.get('seed')}; eyes band rows "
+            f"{rob['bands']['eyes'][0]}-{rob['bands']['eyes'][1] - 1}, mouth band rows "
+            f"{rob['bands']['mouth'][0]}-{rob['bands']['mouth'][1] - 1}, filled with each face's mean grey)"
+            + (f", against `{base}` on the same perturbed faces" if base else "")
+            + "; \"vs clean\" is the change in points from the unperturbed row. Measured by "
+            "`python -m fer_models.robustness`.\n\n"
+            f"{img}{format_table(rob)}\n")
+
+
 def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str] = None) -> ModelCard:
     out = Path(out)
     name = repo_id or cfg["arch"]
@@ -134,6 +154,7 @@ Architecture `{cfg["arch"]}`{f" (width {cfg['width']})" if "width" in cfg else "
 {chr(10).join(extra)}
 
 {cm_md}
+{robustness_section(results["robustness"], out) if "robustness" in results else ""}
 ## Use
 
 ```python
