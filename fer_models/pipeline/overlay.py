@@ -2,7 +2,8 @@
 
 Values in [0, 1] go through one 256-entry colour table (OpenCV's Turbo, an improved Jet: Mikhailov, Google AI
 blog 2019); 0 and 1 always get the same colours, whatever the map's own range, and :func:`colorbar` draws that
-scale. Everything takes and returns RGB uint8 arrays.
+scale. Everything takes and returns RGB uint8 arrays. The app, ``explain`` (which re-exports this module as
+``explain.overlay``) and batch analysis's CAM panels all draw heatmaps with these functions.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from .faces import LANDMARK_NAMES, FaceBox
+from .overlay import overlay_on_face
 
 
 def _probs_dict(names: Sequence[str], p: np.ndarray) -> dict[str, float]:
@@ -149,7 +150,7 @@ def annotate(rgb: np.ndarray, faces: Sequence[FacePrediction]) -> np.ndarray:
 
 def cam_panel(face: FacePrediction, caption_px: int = 18) -> np.ndarray:
     """The face crop, then each of its Grad-CAMs (the fused decision's first) blended on it, each captioned: the
-    PNG a batch run writes per explained face. Turbo colours, 0 and 1 fixed, like ``explain.overlay``."""
+    PNG a batch run writes per explained face, drawn by :func:`~fer_models.pipeline.overlay.overlay_on_face`."""
     if face.heatmaps is None:
         raise ValueError("this face has no Grad-CAM maps")
     crop = face.crop
@@ -157,9 +158,7 @@ def cam_panel(face: FacePrediction, caption_px: int = 18) -> np.ndarray:
     names = sorted(face.heatmaps, key=lambda n: n != "fusion")
     tiles = [(crop, f"#{face.index} {face.label}")]
     for name in names:
-        heat = cv2.resize(np.clip(face.heatmaps[name], 0, 1), (s, s), interpolation=cv2.INTER_LINEAR)
-        color = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1]
-        tiles.append(((0.5 * crop + 0.5 * color).astype(np.uint8), name))
+        tiles.append((overlay_on_face(crop, face.heatmaps[name]), name))
     out = []
     for img, caption in tiles:
         bar = np.full((caption_px, s, 3), 255, np.uint8)
