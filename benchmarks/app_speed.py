@@ -111,7 +111,7 @@ def lever_forwards(model, runs: int) -> dict[str, tuple[float, float]]:
     def fwd(m, ctx=torch.inference_mode):
         def run():
             with ctx():
-                m(x, return_members=True, return_attention=True)
+                m(x, attention=True)
         return run
 
     return interleaved({

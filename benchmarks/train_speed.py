@@ -43,7 +43,7 @@ def step_rate(arch: str, device: torch.device, batch: int, steps: int, warmup: i
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, bf16):
-            logits = model(x)
+            logits = model(x).logits
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -35,7 +35,7 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +44,10 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from torch import nn
 
-from fer_models import FERModel, FusionModel
-from fer_models.models.preprocess import prepare_faces
-
-from .geometry import Geometry, probe_geometry, upsample
+from fer_models import FERModel
+from fer_models.models.geometry import Geometry, attention_to_frame, member_geometries, upsample
+from fer_models.models.predict import Target, resolve_targets
+from fer_models.models.preprocess import center_offset, prepare_faces, to_face_frame
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,10 @@ _CAM_CLASSES: dict[str, type[BaseCAM]] = {
 METHODS: tuple[str, ...] = tuple(_CAM_CLASSES)
 # Methods that need no gradient (and so no target class): their maps are the same for every target.
 TARGET_FREE_METHODS = frozenset({"eigencam"})
-# FER2013 PrivateTest, shipped checkpoint (README, docs/explain.md): Grad-CAM's maps are the only ones uncorrelated
-# with a re-initialised model's on every map (|rho| <= 0.006); no method beats the centre-blob prior's ROAD on the
-# fused map, so faithfulness.recommend_method names none and the default stays Grad-CAM.
+# The defaults below are what the faithfulness measurements favoured; the numbers are in docs/explain.md.
 DEFAULT_METHOD = "gradcam"
-FUSION_COMBINE = ("mean", "contribution")   # first = default (ROAD +0.04 on the fusion map, synthetic task)
-# first = default: ROAD tied on the fusion map (0.369 vs 0.370), the pointing game broke the tie (96% vs 75%)
-ALIGN = ("receptive_field", "stretch")
-
-Target = Union[None, int, str, Sequence[Union[int, str]], np.ndarray, torch.Tensor]
+FUSION_COMBINE = ("mean", "contribution")   # first = default
+ALIGN = ("receptive_field", "stretch")      # first = default
 
 
 @dataclass
@@ -86,8 +81,8 @@ class Explanation:
     targets: np.ndarray                      # (B,) int64: the class each face is explained for
     heatmaps: dict[str, np.ndarray]
     attention: dict[str, np.ndarray]
-    probs: np.ndarray                        # (B, C) softmax of the model's (fused) logits
-    member_probs: dict[str, np.ndarray]      # member name -> (B, C) softmax of its own logits
+    probs: np.ndarray                        # (B, C) model.probabilities of the (fused) logits, centre view
+    member_probs: dict[str, np.ndarray]      # member name -> (B, C) the same for its own logits
     class_names: list[str]
     crop_box: tuple[int, int, int, int]      # (x0, y0, x1, y1) of the explained crop inside the face frame
     fusion_weights: dict[str, np.ndarray] = field(default_factory=dict)  # member -> (B,) weight in "fusion"
@@ -146,7 +141,7 @@ class Explainer:
         self.model = model.eval()
         self.fusion_combine = fusion_combine
         self.align = align
-        self.is_fusion = isinstance(model, FusionModel)
+        self.fuses = model.fuses_members  # the decision combines members: it gets its own "fusion" map
         self.layers: dict[str, nn.Module] = model.cam_target_layers()
         self.spec = model.input_spec()
         self._geometry: dict[tuple, tuple[dict, dict]] = {}
@@ -155,7 +150,7 @@ class Explainer:
     @property
     def map_names(self) -> list[str]:
         """Keys of ``Explanation.heatmaps``, in order: members, then ``"fusion"`` for a fusion model."""
-        return list(self.layers) + (["fusion"] if self.is_fusion else [])
+        return list(self.layers) + (["fusion"] if self.fuses else [])
 
     # --- public API -----------------------------------------------------------------------------------------
     def explain_faces(self, faces: Sequence[np.ndarray], method: str = DEFAULT_METHOD, target: Target = None
@@ -183,8 +178,9 @@ class Explainer:
             acts = stack.enter_context(self._capture(needs_grad))
             # clone: an inference-mode tensor from the caller cannot take part in autograd
             x = x.detach().to(device=device, dtype=torch.float32).clone()
-            logits, member_logits, attention = self._forward(x)
-            targets = self._resolve_targets(target, logits)
+            out = self.model(x, attention=True)
+            logits, member_logits = out.logits, out.member_logits
+            targets = resolve_targets(target, self.model.class_names, logits.detach().argmax(1))
             if needs_grad:
                 own_grads, fused_grads = self._gradients(logits, member_logits, acts, targets)
         missing = [n for n in self.layers if n not in acts]
@@ -201,27 +197,23 @@ class Explainer:
         for n, a in acts_np.items():
             g = own_grads[n] if needs_grad else None
             heat[n] = _layer_map(formula, a, g, *place[n])
-        if self.is_fusion:
+        if self.fuses:
             if needs_grad:
                 contributions = {n: (fused_grads[n] * a).reshape(a.shape[0], -1).sum(1) for n, a in acts_np.items()}
             heat["fusion"], weights = self._fusion_map(formula, acts_np, fused_grads if needs_grad else None,
                                                        contributions, heat, place)
 
         frame = self.spec["input_size"]
-        top, left = (frame - crop_hw[0]) // 2, (frame - crop_hw[1]) // 2
-        attn = {}
-        for m, maps in attention.items():
-            for layer, a in maps.items():
-                a = a.detach().float().cpu().numpy()
-                geo = grid_geo.get((m,) + a.shape[-2:]) or Geometry.stretched(a.shape[-2:], crop_hw)
-                attn[f"{m}/{layer}"] = _to_frame(upsample(a, geo, crop_hw), frame, top, left)
+        top, left = center_offset(frame, crop_hw[0]), center_offset(frame, crop_hw[1])
+        with torch.no_grad():
+            probs, member_probs = self.model.probabilities(out)
         return Explanation(
             method=method,
             targets=targets.cpu().numpy().astype(np.int64),
-            heatmaps={k: _to_frame(v, frame, top, left) for k, v in heat.items()},
-            attention=attn,
-            probs=logits.detach().float().softmax(-1).cpu().numpy(),
-            member_probs={n: l.detach().float().softmax(-1).cpu().numpy() for n, l in member_logits.items()},
+            heatmaps={k: to_face_frame(v, frame) for k, v in heat.items()},
+            attention=attention_to_frame(out.attention, grid_geo, crop_hw, frame),
+            probs=probs.detach().cpu().numpy(),
+            member_probs={n: p.detach().cpu().numpy() for n, p in member_probs.items()},
             class_names=self.model.class_names,
             crop_box=(left, top, left + crop_hw[1], top + crop_hw[0]),
             fusion_weights=weights,
@@ -249,8 +241,7 @@ class Explainer:
             return {}, {}
         with self._geometry_lock:
             if key not in self._geometry:
-                groups = dict(self.model.members.items()) if self.is_fusion else {next(iter(self.layers)): self.model}
-                by_module, by_shape = probe_geometry(self.model, torch.zeros((1,) + key, device=x.device), groups)
+                by_module, by_shape = member_geometries(self.model, key, x.device)
                 cam = {n: by_module[layer] for n, layer in self.layers.items() if layer in by_module}
                 for n in self.layers:
                     if n not in cam:
@@ -292,42 +283,6 @@ class Explainer:
             for h in handles:
                 h.remove()
 
-    def _forward(self, x: torch.Tensor):
-        """Logits, member logits and attention maps from one forward pass."""
-        if self.is_fusion:
-            out = self.model(x, return_members=True, return_attention=True)
-            return out.logits, dict(out.member_logits), dict(out.attention)
-        name = next(iter(self.layers))
-        if getattr(self.model, "has_attention", False):
-            logits, maps = self.model(x, return_attention=True)
-            return logits, {name: logits}, {name: maps}
-        logits = self.model(x)
-        return logits, {name: logits}, {}
-
-    def _resolve_targets(self, target: Target, logits: torch.Tensor) -> torch.Tensor:
-        b, c = logits.shape
-        names = self.model.class_names
-
-        def index(t) -> int:
-            if isinstance(t, str):
-                if t not in names:
-                    raise ValueError(f"unknown class {t!r}; classes are {names}")
-                return names.index(t)
-            return int(t)
-
-        if target is None:
-            t = logits.detach().argmax(1)
-        elif isinstance(target, (int, np.integer, str)):
-            t = torch.full((b,), index(target), dtype=torch.long)
-        else:
-            seq = target.tolist() if isinstance(target, (np.ndarray, torch.Tensor)) else list(target)
-            if len(seq) != b:
-                raise ValueError(f"got {len(seq)} targets for {b} faces")
-            t = torch.tensor([index(s) for s in seq], dtype=torch.long)
-        if bool(((t < 0) | (t >= c)).any()):
-            raise ValueError(f"target classes {t.tolist()} out of range for {c} classes")
-        return t.to(logits.device)
-
     def _gradients(self, logits, member_logits, acts, targets):
         """Gradients at every CAM layer of (a) each member's own target logit and (b) the fused target logit.
 
@@ -338,10 +293,10 @@ class Explainer:
         inputs = [acts[n] for n in names]
         idx = targets[:, None]
         own_obj = sum(member_logits[n].gather(1, idx).sum() for n in names)
-        own = torch.autograd.grad(own_obj, inputs, retain_graph=self.is_fusion, allow_unused=True)
+        own = torch.autograd.grad(own_obj, inputs, retain_graph=self.fuses, allow_unused=True)
         own_grads = {n: _grad_np(g, a) for n, g, a in zip(names, own, inputs)}
         fused_grads = None
-        if self.is_fusion:
+        if self.fuses:
             fused = torch.autograd.grad(logits.gather(1, idx).sum(), inputs, allow_unused=True)
             fused_grads = {n: _grad_np(g, a) for n, g, a in zip(names, fused, inputs)}
         return own_grads, fused_grads
@@ -394,13 +349,6 @@ def _blas_controller():
 
 
 def _single_threaded_blas():
-    """EigenCAM's per-face SVDs are tiny (at most 121 x 512): multi-threaded OpenBLAS only spins on them, and
-    on a busy 2-core machine it made EigenCAM ~40x slower (0.4 s instead of 11 ms per VGG map)."""
+    """EigenCAM's per-face SVDs are tiny (at most 121 x 512): multi-threaded OpenBLAS only spins on them (on a busy
+    2-core machine it made EigenCAM an order of magnitude slower; benchmarks/explain_speed.py measures it)."""
     return _blas_controller().limit(limits=1, user_api="blas")
-
-
-def _to_frame(maps: np.ndarray, frame: int, top: int, left: int) -> np.ndarray:
-    """Paste B x h x w crop maps into B x frame x frame zeros at the centre-crop position."""
-    out = np.zeros((maps.shape[0], frame, frame), np.float32)
-    out[:, top:top + maps.shape[1], left:left + maps.shape[2]] = np.clip(np.nan_to_num(maps), 0, 1)
-    return out

@@ -23,11 +23,10 @@ the explained class is the model's (fused) prediction, as in the app.
 ``--data`` is anything ``fer_models.training.data.load_dataset`` reads (e.g. ``../shared/data``), or an ``.npz`` with
 ``images`` (N x 48 x 48 uint8), ``labels`` and optionally ``split`` (strings) and ``class_names``.
 ``--model`` is a checkpoint folder (or, for smoke tests, a registered architecture name, with random weights).
-Cost: per face, ``2 x fractions`` imputations (a sparse solve, ~10 ms) per map and method, and about
+Cost: per face, ``2 x fractions`` imputations (a sparse solve) per map and method, and about
 ``2 x fractions x (2 x methods + baselines)`` forwards of each member; for the real backbones the forwards
-dominate. Measured here (1 thread on a busy 2-core CPU, ``fusion`` architecture, 1 method, 2 fractions):
-4 s per face. The defaults (5 methods, 3 fractions) do about 4.5x that work, so plan ``--n 500`` as a
-multi-hour CPU job, or use ``--device cuda`` (the imputation stays on the CPU) or fewer ``--methods``.
+dominate, so plan ``--n 500`` with the defaults as a multi-hour CPU job (docs/explain.md has measured times),
+or use ``--device cuda`` (the imputation stays on the CPU) or fewer ``--methods``.
 """
 from __future__ import annotations
 
@@ -139,33 +138,31 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # --- the evaluation -----------------------------------------------------------------------------------------
 class Scorer:
     """Probability of the explained class as seen by each heatmap's own network: a member map is scored by that
-    member, the ``fusion`` map by the fused model. For a fusion model each member runs once per image, however
-    many maps are scored on it (the fused logits come from the members' logits through ``model.fuse``)."""
+    member, the ``fusion`` map by the fused model (whose one forward also gives every member's), with the
+    config's temperatures (``FERModel.probabilities``)."""
 
     def __init__(self, model: fm.FERModel, chunk: int = 128):
         self.model = model
         self.chunk = chunk
-        self.is_fusion = isinstance(model, fm.FusionModel)
+        self.members = model.member_models()
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, targets: torch.Tensor, maps: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{map: p}`` with ``p[i...] = softmax(net(x[i...]))[targets[i]]``; x is B x ... x C x H x W."""
+        """``{map: p}`` with ``p[i...] = probabilities(net(x[i...]))[targets[i]]``; x is B x ... x C x H x W."""
         lead = x.shape[:-3]
         flat = x.reshape(-1, *x.shape[-3:])
         t = targets.reshape(targets.shape + (1,) * (len(lead) - 1)).expand(lead).reshape(-1, 1).to(self.device)
         out: dict[str, list] = {m: [] for m in maps}
         for s in range(0, flat.shape[0], self.chunk):
             xs, ts = flat[s:s + self.chunk].to(self.device), t[s:s + self.chunk]
-            if self.is_fusion:
-                run = self.model.member_names if "fusion" in maps else [m for m in maps if m != "fusion"]
-                logits = {m: self.model.members[m](xs) for m in run}
-                if "fusion" in maps:
-                    logits["fusion"] = self.model.fuse({m: logits[m] for m in self.model.member_names})
-            else:
-                logits = {maps[0]: self.model(xs)}
+            if all(m in self.members for m in maps):  # member maps only: run just those members
+                probs = {m: self.members[m].probabilities(self.members[m](xs))[0] for m in maps}
+            else:  # the fused decision's map: one forward gives it and every member's
+                fused, member_probs = self.model.probabilities(self.model(xs))
+                probs = {**member_probs, "fusion": fused}
             for m in maps:
-                out[m].append(logits[m].float().softmax(-1).gather(1, ts)[:, 0].cpu())
+                out[m].append(probs[m].gather(1, ts)[:, 0].cpu())
         return {m: torch.cat(v).reshape(lead) for m, v in out.items()}
 
 

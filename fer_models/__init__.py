@@ -8,7 +8,7 @@ so ``import fer_models`` stays light.
 from importlib import import_module
 
 from .models import (
-    FER2013_CLASSES, FERModel, FusionModel, FusionOutput, create_model, default_config, is_model, list_models,
+    FER2013_CLASSES, FERModel, FusionModel, ModelOutput, create_model, default_config, is_model, list_models,
     load_model, load_weights, register_model,
 )
 
@@ -21,7 +21,7 @@ _LAZY = {
 _LAZY_MODULES = {"analyze"}
 
 __all__ = [
-    "FER2013_CLASSES", "FERModel", "FusionModel", "FusionOutput", "create_model", "default_config", "is_model",
+    "FER2013_CLASSES", "FERModel", "FusionModel", "ModelOutput", "create_model", "default_config", "is_model",
     "list_models", "load_model", "load_weights", "register_model", *_LAZY, *_LAZY_MODULES,
 ]
 

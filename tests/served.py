@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import fer_models as fm
+from conftest import free_port
 from fer_models.pipeline import FacePredictor, load_model_with_fallback
 
 # The catch-all message of app.user_errors: an exception nobody turned into a clear message (a bug).
 UNEXPECTED = "could not be analysed ("
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_checkpoint(folder: Path) -> Path:

@@ -34,7 +34,7 @@ def test_shipped_checkpoint_is_a_self_contained_fp16_fusion(shipped):
 def test_shipped_checkpoint_outputs(shipped):
     x = torch.randn(4, 1, 44, 44)
     with torch.no_grad():
-        out = shipped(x, return_members=True, return_attention=True)
+        out = shipped(x, attention=True)
     assert out.logits.shape == (4, 7) and torch.isfinite(out.logits).all()
     assert set(out.member_logits) == set(shipped.member_names)
     assert torch.allclose(out.logits.softmax(-1).sum(-1), torch.ones(4))

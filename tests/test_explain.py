@@ -55,7 +55,7 @@ def _train(arch: str, x: torch.Tensor, y: torch.Tensor, steps: int) -> fm.FERMod
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (32,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss = F.cross_entropy(model(x[idx]).logits, y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -73,7 +73,7 @@ def trained():
     test_imgs, test_labels, test_boxes = make_shapes(48, seed=1)
     xt = prepare_faces(list(test_imgs), spec)
     with torch.no_grad():
-        acc = (fusion(xt).argmax(1).numpy() == test_labels).mean()
+        acc = (fusion(xt).logits.argmax(1).numpy() == test_labels).mean()
     assert acc >= 0.8, f"the tiny fusion did not learn the shapes task (accuracy {acc:.2f})"
     return dict(fusion=fusion, members=members, imgs=test_imgs, labels=test_labels, boxes=test_boxes, x=xt)
 
@@ -81,6 +81,17 @@ def trained():
 def _faces(model: fm.FERModel, n: int = 2) -> torch.Tensor:
     g = np.random.default_rng(0)
     return prepare_faces([g.integers(0, 256, (48, 48), dtype=np.uint8) for _ in range(n)], model.input_spec())
+
+
+class _Logits(torch.nn.Module):
+    """A model whose forward returns ``ModelOutput.logits``, for third-party code that expects a tensor."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
 
 
 def _hook_count(model: torch.nn.Module) -> int:
@@ -97,7 +108,7 @@ def test_cam_shapes_and_range(arch, method):
     exp = Explainer(model).explain(x, method=method)
     assert isinstance(exp, Explanation)
     s, crop = model.cfg["input_size"], model.cfg["crop_size"]
-    expected = list(model.member_names) + ["fusion"] if isinstance(model, fm.FusionModel) else [arch]
+    expected = list(model.member_names) + (["fusion"] if model.fuses_members else [])
     assert list(exp.heatmaps) == expected
     for name, h in exp.heatmaps.items():
         assert h.shape == (3, s, s) and h.dtype == np.float32, name
@@ -119,12 +130,9 @@ def test_attention_maps(arch):
     model = fm.create_model(arch)
     x = _faces(model, 2)
     exp = Explainer(model).explain(x)
-    members = dict(model.members.items()) if isinstance(model, fm.FusionModel) else {arch: model}
-    expected = {}
     with torch.no_grad():
-        for name, m in members.items():
-            if getattr(m, "has_attention", False):
-                expected.update({f"{name}/{k}": v for k, v in m(x, return_attention=True)[1].items()})
+        out = model(x, attention=True)
+    expected = {f"{name}/{k}": v for name, layers in out.attention.items() for k, v in layers.items()}
     assert set(exp.attention) == set(expected)
     for key, a in exp.attention.items():
         assert a.shape == (2, 48, 48) and a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
@@ -133,8 +141,8 @@ def test_attention_maps(arch):
             np.testing.assert_allclose(a[:, 2:46, 2:46], expected[key].numpy(), atol=1e-6)
 
 
-def test_grad_modes_and_input_checks():
-    model = fm.create_model("fusion_tiny")
+def test_grad_modes_and_input_checks(fusion_tiny):
+    model = fusion_tiny
     explainer = Explainer(model)
     x = _faces(model, 2)
     ref = explainer.explain(x, "gradcam").heatmaps
@@ -156,8 +164,8 @@ def test_grad_modes_and_input_checks():
         explainer.explain(x[:, :, :, :30].repeat(1, 3, 1, 1))
 
 
-def test_hooks_released_over_repeated_calls():
-    model = fm.create_model("fusion_tiny")
+def test_hooks_released_over_repeated_calls(fusion_tiny):
+    model = fusion_tiny
     explainer = Explainer(model)
     x = _faces(model, 2)
     before = _hook_count(model)
@@ -168,14 +176,14 @@ def test_hooks_released_over_repeated_calls():
         explainer.explain(x, target=99)
     assert _hook_count(model) == before == 0
     with torch.no_grad():  # and plain inference afterwards is unaffected
-        torch.testing.assert_close(model(x), model(x))
+        torch.testing.assert_close(model(x).logits, model(x).logits)
 
 
-def test_concurrent_calls_share_one_explainer():
+def test_concurrent_calls_share_one_explainer(fusion_tiny):
     """The app shares one model and one Explainer between request threads, beside plain predictions."""
     from concurrent.futures import ThreadPoolExecutor
 
-    model = fm.create_model("fusion_tiny")
+    model = fusion_tiny
     explainer = Explainer(model)
     xs = [_faces(model, 2) + i for i in range(4)]
     expected = [explainer.explain(x, "gradcam").heatmaps for x in xs]
@@ -210,18 +218,18 @@ def test_single_backbone_matches_pytorch_grad_cam(arch):
     model = fm.create_model(arch).eval()
     x = _faces(model, 2)
     ours = Explainer(model, align="stretch").explain(x, "gradcam", target=[1, 3]).heatmaps[arch][:, 2:46, 2:46]
-    with GradCAM(model, [model.cam_target_layers()[arch]]) as cam:
+    with GradCAM(_Logits(model), [model.cam_target_layers()[arch]]) as cam:  # pytorch-grad-cam wants a tensor
         ref = cam(x, [ClassifierOutputTarget(1), ClassifierOutputTarget(3)])
     np.testing.assert_allclose(ours, ref, atol=1e-4)
     for p in model.parameters():
         p.grad = None  # pytorch-grad-cam's backward wrote them
 
 
-def test_cells_are_placed_on_their_receptive_field_centres():
+def test_cells_are_placed_on_their_receptive_field_centres(fusion_tiny):
     """ResNet: stride-2 3x3 convs centre layer3 cell i on crop pixel 4i; VGG: three 2x2 pools put cell i on 8i+3.5."""
     from explain.geometry import Geometry, upsample
 
-    model = fm.create_model("fusion_tiny")
+    model = fusion_tiny
     explainer = Explainer(model, align="receptive_field")
     cam, by_shape = explainer._geometries(_faces(model, 1))
     assert cam["resnet_tiny"] == cam["resnet_cbam_tiny"] == Geometry((4.0, 4.0), (0.0, 0.0))

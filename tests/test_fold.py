@@ -27,13 +27,8 @@ def _with_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
 
 def _outputs(model, x):
     with torch.inference_mode():
-        if hasattr(model, "member_names"):
-            out = model(x, return_members=True, return_attention=True)
-            maps = {f"{k}/{s}": v for k, layers in out.attention.items() for s, v in layers.items()}
-            return out.logits, maps
-        if model.has_attention:
-            return model(x, return_attention=True)
-        return model(x), {}
+        out = model(x, attention=True)
+    return out.logits, {f"{k}/{s}": v for k, layers in out.attention.items() for s, v in layers.items()}
 
 
 @pytest.mark.parametrize("name", TINY + ["vgg19", "resnet18_cbam"])

@@ -12,6 +12,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data
 
@@ -38,8 +39,8 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return fm.create_model("fusion_tiny").eval()
+def model(fusion_tiny):
+    return fusion_tiny
 
 
 @pytest.fixture(scope="module")
@@ -180,18 +181,18 @@ def test_explanations_and_target(predictor):
     for h in f.heatmaps.values():
         assert h.shape == (48, 48) and h.dtype == np.float32 and 0 <= h.min() and h.max() <= 1
     assert f.cam_target == "happy" and analysis.cam_method == "default"
-    # Explaining reuses the explainer's forward pass: the probabilities and attention maps must not change.
+    # Explaining adds maps beside the prediction: the probabilities and attention maps are the plain path's.
     plain, _ = predictor.analyze_image(data.astronaut())
-    for k in f.probs:
-        assert f.probs[k] == pytest.approx(plain.faces[0].probs[k], abs=1e-5)
-    for v, pv in zip(f.votes, plain.faces[0].votes):
-        assert v.label == pv.label and v.confidence == pytest.approx(pv.confidence, abs=1e-5)
+    assert f.probs == plain.faces[0].probs and [v.probs for v in f.votes] == [v.probs for v in plain.faces[0].votes]
     assert f.attention.keys() == plain.faces[0].attention.keys()
-    for k, a in f.attention.items():  # the explainer's receptive-field mapping, close to plain upsampling
+    for k, a in f.attention.items():
         assert a.shape == (48, 48) and 0 <= a.min() and a.max() <= 1
-        assert np.corrcoef(a.ravel(), plain.faces[0].attention[k].ravel())[0, 1] > 0.5
+        np.testing.assert_array_equal(a, plain.faces[0].attention[k])
     ten, _ = predictor.analyze_image(data.astronaut(), explain=True, tta=True, cam_method="gradcam++")
     assert ten.faces[0].heatmaps is not None and ten.cam_method == "gradcam++"
+    # With no target, what is explained is the class reported, here the ten-crop prediction.
+    ten, _ = predictor.analyze_image(data.astronaut(), explain=True, tta=True)
+    assert ten.faces[0].cam_target == ten.faces[0].label
     with pytest.raises(InputError, match="explanation"):
         predictor.analyze_image(data.astronaut(), explain=True, cam_method="nonsense")
     with pytest.raises(InputError, match="Unknown target"):
@@ -220,6 +221,76 @@ def test_many_faces_capped(model):
     if Explainer is not None:
         assert sum(f.heatmaps is not None for f in analysis.faces) == 3
         assert any("Grad-CAM computed for the 3 largest" in n for n in analysis.notes)
+
+
+@pytest.mark.skipif(Explainer is None, reason="explain/ not available")
+@pytest.mark.parametrize("tta", [False, True])
+def test_explained_and_unexplained_faces_get_identical_predictions(model, tta):
+    """Explaining some faces of an image changes no probability or attention map of any face, explained or not."""
+    predictor = FacePredictor(model, explainer=Explainer(model), max_explained=2)
+    img = faces_image(4)
+    explained = predictor.analyze_array(img, explain=True, tta=tta)
+    plain = predictor.analyze_array(img, tta=tta)
+    assert len(plain.faces) == 4 and sum(f.heatmaps is not None for f in explained.faces) == 2
+    for e, p in zip(explained.faces, plain.faces):
+        assert e.probs == p.probs and [v.probs for v in e.votes] == [v.probs for v in p.votes]
+        assert e.attention.keys() == p.attention.keys()
+        for k in e.attention:
+            np.testing.assert_array_equal(e.attention[k], p.attention[k])
+
+
+def test_temperatures_in_the_config_scale_the_predictor_probabilities(tmp_path):
+    """A config's temperature (fused) and a member config's (that member) give softmax(logits / T) everywhere the
+    predictor reports probabilities, after a save/load round trip."""
+    fm.create_model("fusion_tiny").save_pretrained(tmp_path / "plain")
+    cfg = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg["temperature"], cfg["members"][0]["temperature"] = 2.0, 4.0
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(cfg))
+    model = fm.load_model(tmp_path / "plain")
+    crops = [astronaut_face(120), astronaut_face(80)]
+    p = FacePredictor(model)
+    raw = p.predict_crops(crops)
+    with torch.no_grad():
+        out = model(p.prepare(crops))
+    np.testing.assert_allclose(raw.probs, (out.logits / 2.0).softmax(-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(raw.member_probs["vgg_tiny"], (out.member_logits["vgg_tiny"] / 4.0).softmax(-1).numpy(),
+                               atol=1e-5)
+    np.testing.assert_allclose(raw.member_probs["resnet_tiny"], out.member_logits["resnet_tiny"].softmax(-1).numpy(),
+                               atol=1e-5)
+    face = p.analyze_image(data.astronaut())[0].faces[0]  # what the app, JSON and CSV show
+    assert max(face.probs.values()) == pytest.approx(face.confidence)
+    with torch.no_grad():
+        logits = model(p.prepare([face.crop])).logits[0]
+    assert list(face.probs.values()) == pytest.approx((logits / 2.0).softmax(-1).tolist(), abs=1e-5)
+
+
+def test_tencrop_is_one_definition_in_the_app_evaluation_and_protocol(model):
+    """Ten-crop = softmax(mean of the ten views' logits / T): FacePredictor (app, analyze), predict_logits
+    (``python -m fer_models.evaluate --tta tencrop``) and the protocol give the same probabilities."""
+    from fer_models.models.predict import predict_logits
+    from fer_models.models.preprocess import normalize, ten_crop
+    from fer_models.training import protocol
+
+    faces = np.random.default_rng(0).integers(0, 256, (6, 48, 48), dtype=np.uint8)
+    predictor = FacePredictor(model)
+    app = predictor.predict_crops(list(faces), tta=True)
+    proto_probs, proto_members = protocol._predict(predictor, list(faces), tta=True)
+
+    def evaluate_cli(net):  # evaluate_fer's logits (amp off: bf16 would change the precision, not the definition)
+        logits, members = predict_logits(net, faces, tta="tencrop", amp=False)
+        return model.probabilities(fm.ModelOutput(torch.from_numpy(logits),
+                                                  {k: torch.from_numpy(v) for k, v in members.items()}))
+
+    for net, tol in ((predictor.model, 1e-6), (model, 1e-4)):  # the same folded network; the checkpoint as loaded
+        probs, member_probs = evaluate_cli(net)
+        for p, mp in ((app.probs, app.member_probs), (proto_probs, proto_members)):
+            np.testing.assert_allclose(p, probs.numpy(), atol=tol)
+            for name in model.member_names:
+                np.testing.assert_allclose(mp[name], member_probs[name].numpy(), atol=tol)
+    with torch.no_grad():  # the definition, spelled out
+        views = ten_crop(normalize(torch.from_numpy(faces), model.input_spec()), 44)
+        direct = model(views.flatten(0, 1)).logits.view(10, len(faces), -1).mean(0).softmax(-1)
+    np.testing.assert_allclose(app.probs, direct.numpy(), atol=1e-4)
 
 
 def test_predictor_single_backbone():

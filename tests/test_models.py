@@ -1,4 +1,5 @@
-"""Registry-parametrized model tests on tiny variants: shapes, finiteness, attention maps, save/load round trips."""
+"""Registry-parametrized model tests on tiny variants: the output contract (shapes, members, attention maps,
+calibrated probabilities), finiteness, save/load round trips."""
 import json
 
 import pytest
@@ -36,8 +37,12 @@ def test_forward_shapes_and_config(name):
     x = torch.randn(3, spec["in_chans"], spec["crop_size"], spec["crop_size"])
     with torch.no_grad():
         out = model(x)
-    assert out.shape == (3, 7)
-    assert torch.isfinite(out).all()
+    assert isinstance(out, fm.ModelOutput) and out.logits.shape == (3, 7) and out.attention == {}
+    assert torch.isfinite(out.logits).all()
+    assert list(out.member_logits) == model.member_names == list(model.member_models())
+    assert list(model.cam_target_layers()) == model.member_names
+    if not model.fuses_members:  # a backbone is its own single member
+        assert out.member_logits[name] is out.logits and model.member_models()[name] is model
     for layer_name, layer in model.cam_target_layers().items():  # Grad-CAM layers keep >= 5x5 maps
         seen = {}
         h = layer.register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))  # returns None: output kept
@@ -51,7 +56,7 @@ def test_forward_shapes_and_config(name):
 def test_full_size_backbones_forward(name):
     model = fm.create_model(name).eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 1, 44, 44)).shape == (2, 7)
+        assert model(torch.randn(2, 1, 44, 44)).logits.shape == (2, 7)
     # the final feature map is pooled as a whole and is larger than 1x1 (no stage collapses)
     feats = model.forward_features(torch.randn(1, 1, 44, 44))
     assert min(feats.shape[-2:]) >= 2
@@ -59,7 +64,7 @@ def test_full_size_backbones_forward(name):
 
 def test_num_classes_and_class_names_size_the_head():
     model = fm.create_model("resnet_tiny", class_names=["a", "b", "c"])
-    assert model(torch.randn(2, 1, 44, 44)).shape == (2, 3)
+    assert model(torch.randn(2, 1, 44, 44)).logits.shape == (2, 3)
     assert fm.create_model("vgg_tiny", num_classes=5).num_classes == 5
 
 
@@ -68,39 +73,62 @@ def test_attention_maps_have_the_grid_shape(name):
     model = fm.create_model(name).eval()
     x = torch.randn(2, 1, 44, 44)
     with torch.no_grad():
-        logits, maps = model(x, return_attention=True)
-    assert logits.shape == (2, 7) and maps
+        out = model(x, attention=True)
+    logits, maps = out.logits, out.attention[name]
+    assert logits.shape == (2, 7) and list(out.attention) == [name]
     first = next(iter(maps.values()))
     assert first.shape == (2, 44, 44)  # the first stage's map is the input grid
     for m in maps.values():
         assert m.dim() == 3 and m.shape[0] == 2
         assert float(m.min()) >= 0 and float(m.max()) <= 1
     with torch.no_grad():
-        assert torch.allclose(logits, model(x), atol=1e-6)
+        assert torch.allclose(logits, model(x).logits, atol=1e-6)
 
 
-def test_backbone_without_attention_refuses_to_return_maps():
-    with pytest.raises(ValueError, match="no attention"):
-        fm.create_model("vgg_tiny")(torch.randn(1, 1, 44, 44), return_attention=True)
+def test_backbone_without_attention_answers_with_no_maps():
+    out = fm.create_model("vgg_tiny").eval()(torch.randn(1, 1, 44, 44), attention=True)
+    assert out.attention == {} and out.logits.shape == (1, 7)
 
 
-def test_fusion_exposes_member_logits_and_starts_as_logit_average():
-    model = fm.create_model("fusion_tiny").eval()
+def test_probabilities_apply_the_config_temperatures():
+    """softmax(logits / T): the model's own T for the decision, each member's (members[i]["temperature"]) for its."""
+    backbone = fm.create_model("vgg_tiny", temperature=2.0).eval()
+    x = torch.randn(3, 1, 44, 44)
+    with torch.no_grad():
+        out = backbone(x)
+    probs, members = backbone.probabilities(out)
+    torch.testing.assert_close(probs, (out.logits / 2.0).softmax(-1))
+    torch.testing.assert_close(members["vgg_tiny"], probs)
+    fusion = fm.create_model("fusion_tiny", temperature=0.5).eval()
+    fusion.cfg["members"][1]["temperature"] = 3.0  # as the calibration CLI writes it into the member config
+    with torch.no_grad():
+        out = fusion(x)
+    probs, members = fusion.probabilities(out)
+    torch.testing.assert_close(probs, (out.logits / 0.5).softmax(-1))
+    torch.testing.assert_close(members["resnet_tiny"], (out.member_logits["resnet_tiny"] / 3.0).softmax(-1))
+    torch.testing.assert_close(members["vgg_tiny"], out.member_logits["vgg_tiny"].softmax(-1))  # absent: T = 1
+    with pytest.raises(ValueError, match="temperature"):
+        fm.create_model("vgg_tiny", temperature=0.0).probabilities(out)
+
+
+def test_fusion_exposes_member_logits_and_starts_as_logit_average(fusion_tiny):
+    model = fusion_tiny
     x = torch.randn(4, 1, 44, 44)
     with torch.no_grad():
-        out = model(x, return_members=True, return_attention=True)
+        out = model(x, attention=True)
     assert list(out.member_logits) == model.member_names == ["vgg_tiny", "resnet_tiny", "resnet_cbam_tiny"]
     avg = torch.stack(list(out.member_logits.values())).mean(0)
     assert torch.allclose(out.logits, avg, atol=1e-5)
-    assert "resnet_cbam_tiny" in out.attention
-    assert torch.allclose(model(x), out.logits)
+    assert list(out.attention) == ["resnet_cbam_tiny"]
+    plain = model(x)
+    assert torch.allclose(plain.logits, out.logits) and plain.attention == {}
 
 
 def test_fusion_average_mode_averages_probabilities():
     model = fm.create_model("fusion_tiny", mode="average").eval()
     x = torch.randn(2, 1, 44, 44)
     with torch.no_grad():
-        out = model(x, return_members=True)
+        out = model(x)
     probs = torch.stack([l.softmax(-1) for l in out.member_logits.values()]).mean(0)
     assert torch.allclose(out.logits.softmax(-1), probs, atol=1e-5)
 
@@ -130,7 +158,7 @@ def test_save_load_round_trip(tmp_path, name, dtype):
     assert all(p.dtype == torch.float32 for p in loaded.parameters())  # fp16 storage loads back as fp32
     x = torch.randn(2, 1, 44, 44)
     with torch.no_grad():
-        a, b = model(x), loaded(x)
+        a, b = model(x).logits, loaded(x).logits
     if dtype is None:
         assert torch.equal(a, b)
     else:
@@ -155,8 +183,8 @@ def test_fusion_checkpoint_is_self_contained(tmp_path):
     loaded = fm.load_model(tmp_path / "fusion")
     x = torch.randn(2, 1, 44, 44)
     with torch.no_grad():
-        assert torch.equal(loaded.members["vgg_tiny"](x), members[0].eval()(x))
-        assert torch.equal(loaded(x), fusion.eval()(x))
+        assert torch.equal(loaded.members["vgg_tiny"](x).logits, members[0].eval()(x).logits)
+        assert torch.equal(loaded(x).logits, fusion.eval()(x).logits)
 
 
 def test_strict_loading_rejects_mismatched_weights(tmp_path):
@@ -207,4 +235,4 @@ def test_load_from_hf_cache_layout(tmp_path, monkeypatch):
     loaded = fm.load_model("someone/fer-tiny", cache_dir=str(tmp_path / "hub"))
     x = torch.randn(1, 1, 44, 44)
     with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(loaded(x).logits, model(x).logits)

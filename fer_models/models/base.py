@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -33,6 +34,36 @@ CONFIG_NAME = "config.json"
 # face_norm: None, or [mean, std] grey levels each face is standardised to before mean/std normalisation
 # (per-face contrast normalisation; docs/real_photos.md). Absent from older configs, which means None.
 SPEC_KEYS = ("class_names", "input_size", "crop_size", "in_chans", "mean", "std", "face_norm")
+
+
+@dataclass
+class ModelOutput:
+    """What every model's ``forward`` returns, whatever the model (after timm's one-method forward contract).
+
+    ``logits``: B x C, the model's decision (a fusion's fused logits). ``member_logits``: each backbone's own
+    B x C logits by member name; a backbone is its own single member (``{arch: logits}``). ``attention``:
+    ``{member: {layer: B x h x w}}`` CBAM spatial maps, filled only when ``forward(x, attention=True)`` and only
+    for members that have attention. Turn logits into probabilities with :meth:`FERModel.probabilities`.
+    """
+
+    logits: torch.Tensor
+    member_logits: dict[str, torch.Tensor]
+    attention: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    # Transitional, for training/train.py's loop only (``logits = model(x)``, then ``logits.float()`` and
+    # ``logits.argmax(1)``): remove both once it reads ``model(x).logits`` (issue 17).
+    def float(self) -> torch.Tensor:
+        return self.logits.float()
+
+    def argmax(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.logits.argmax(*args, **kwargs)
+
+
+def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``softmax(logits / T)`` in float32 (temperature scaling, Guo et al., ICML 2017); T = 1 is the plain softmax."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return (logits.float() / float(temperature)).softmax(-1)
 
 
 def default_config(arch: str, **overrides: Any) -> dict:
@@ -104,18 +135,45 @@ class FERModel(
 
     has_attention = False  # set by backbones built with attention modules
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        """Backbone forward: logits, or ``(logits, {stage: B x h x w})`` spatial attention maps when asked.
+    # --- members and calibration: a backbone is a fusion of one, so callers never ask which they hold -----------
+    @property
+    def member_names(self) -> list[str]:
+        """Keys of ``ModelOutput.member_logits`` (and of ``cam_target_layers``), in order."""
+        return [self.arch]
+
+    def member_models(self) -> dict[str, "FERModel"]:
+        """``{member name: the module computing its logits}``; a backbone is its own member."""
+        return {self.arch: self}
+
+    # Whether ``logits`` combine several members' logits (a fusion), so the decision has its own explanation.
+    fuses_members = False
+
+    @property
+    def temperature(self) -> float:
+        """The config's ``temperature`` for the model's decision (absent: 1.0, the plain softmax)."""
+        return float(self.cfg.get("temperature", 1.0))
+
+    def member_temperatures(self) -> dict[str, float]:
+        """Each member's own temperature, by member name (a backbone's is its own)."""
+        return {self.arch: self.temperature}
+
+    def probabilities(self, output: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(probs, member_probs)`` of an output: ``softmax(logits / T)`` with this model's temperature for the
+        decision and each member's own for its logits. Every probability the pipeline shows comes from here;
+        accuracy and argmax code keeps using logits (dividing by T > 0 never moves the argmax)."""
+        temps = self.member_temperatures()
+        return (calibrated_softmax(output.logits, self.temperature),
+                {n: calibrated_softmax(lg, temps[n]) for n, lg in output.member_logits.items()})
+
+    def forward(self, x: torch.Tensor, *, attention: bool = False) -> ModelOutput:
+        """Backbone forward: a :class:`ModelOutput`; with ``attention=True`` it carries the CBAM spatial maps
+        (``{arch: {stage: B x h x w}}``; empty for a backbone without attention).
 
         Backbones define ``forward_features(x, attention=None)`` and ``forward_head``; the fusion model overrides this.
         """
-        if not return_attention:
-            return self.forward_head(self.forward_features(x))
-        if not self.has_attention:
-            raise ValueError(f"{self.arch} has no attention maps")
-        maps: dict[str, torch.Tensor] = {}
+        maps: Optional[dict[str, torch.Tensor]] = {} if attention and self.has_attention else None
         logits = self.forward_head(self.forward_features(x, maps))
-        return logits, maps
+        return ModelOutput(logits, {self.arch: logits}, {self.arch: maps} if maps else {})
 
     def _init_weights(self) -> None:
         for m in self.modules():

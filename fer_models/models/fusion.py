@@ -11,25 +11,15 @@ self-contained: one ``config.json`` (with every member's config) and one ``model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ._registry import create_model, register_model
-from .base import SPEC_KEYS, FERModel
+from .base import SPEC_KEYS, FERModel, ModelOutput
 
 FUSION_MODES = ("concat_linear", "average")
-
-
-@dataclass
-class FusionOutput:
-    """Fused logits plus each member's logits (and attention maps when asked), from one forward pass."""
-
-    logits: torch.Tensor
-    member_logits: dict[str, torch.Tensor]
-    attention: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def _member_name(arch: str, taken: Sequence[str]) -> str:
@@ -75,9 +65,18 @@ class FusionModel(FERModel):
                 self.head.weight.copy_(torch.cat([torch.eye(c)] * n, dim=1) / n)
                 self.head.bias.zero_()
 
+    fuses_members = True
+
     @property
     def member_names(self) -> list[str]:
         return list(self.members.keys())
+
+    def member_models(self) -> dict[str, FERModel]:
+        return dict(self.members.items())
+
+    def member_temperatures(self) -> dict[str, float]:
+        """Each member's ``temperature`` as stored in its member config (``members[i]``; absent: 1.0)."""
+        return {n: float(c.get("temperature", 1.0)) for n, c in zip(self.member_names, self.cfg["members"])}
 
     def cam_target_layers(self) -> dict[str, nn.Module]:
         return {name: m.get_submodule(m.cfg["cam_layer"]) for name, m in self.members.items()}
@@ -91,19 +90,16 @@ class FusionModel(FERModel):
         probs = torch.stack([l.float().softmax(-1) for l in member_logits]).mean(0)
         return probs.clamp_min(1e-12).log()  # log of averaged probabilities: softmax gives them back
 
-    def forward(self, x: torch.Tensor, return_members: bool = False, return_attention: bool = False):
-        """Fused logits, or a :class:`FusionOutput` with per-member logits (and attention maps) when asked."""
+    def forward(self, x: torch.Tensor, *, attention: bool = False) -> ModelOutput:
+        """Fused logits with every member's logits (and, with ``attention=True``, their attention maps)."""
         member_logits: dict[str, torch.Tensor] = {}
-        attention: dict[str, dict[str, torch.Tensor]] = {}
+        maps: dict[str, dict[str, torch.Tensor]] = {}
         for name, m in self.members.items():
-            if return_attention and getattr(m, "has_attention", False):
-                member_logits[name], attention[name] = m(x, return_attention=True)
-            else:
-                member_logits[name] = m(x)
-        logits = self.fuse(member_logits)
-        if return_members or return_attention:
-            return FusionOutput(logits, member_logits, attention)
-        return logits
+            out = m(x, attention=attention)
+            member_logits[name] = out.logits
+            if out.attention:  # the member's own {arch: {layer: map}}, filed under its member name
+                maps[name] = out.attention[m.arch]
+        return ModelOutput(self.fuse(member_logits), member_logits, maps)
 
     @classmethod
     def from_members(cls, models: Sequence[FERModel], mode: str = "concat_linear",

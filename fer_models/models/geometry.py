@@ -1,5 +1,7 @@
 """Where a feature-map cell sits in the input: place low-resolution maps on the pixels they came from.
 
+Shared by the predictor's attention maps and ``explain``'s CAMs, so both land on the face the same way.
+
 pytorch-grad-cam (like most CAM code) stretches an h x w map over the W-pixel image with ``cv2.resize``, i.e.
 it assumes cell ``i`` is centred on pixel ``(i + 0.5) * W / w - 0.5``. That holds only when the cells tile the
 input exactly. At FER sizes they don't: in the CIFAR-style ResNets every stride-2 3x3 convolution (padding 1)
@@ -130,3 +132,25 @@ def upsample(maps: np.ndarray, geometry: Geometry, out_hw: tuple[int, int]) -> n
     my = _interp_matrix(h, out_hw[0], geometry.stride[0], geometry.offset[0])
     mx = _interp_matrix(w, out_hw[1], geometry.stride[1], geometry.offset[1])
     return np.einsum("yi,bij,xj->byx", my, maps.astype(np.float64), mx).astype(np.float32)
+
+
+def member_geometries(model: nn.Module, crop_shape: tuple[int, ...], device: torch.device
+                      ) -> tuple[dict[nn.Module, Geometry], dict[tuple, Geometry]]:
+    """:func:`probe_geometry` of ``model`` (any FER model) for one ``C x h x w`` crop, grouped by member."""
+    return probe_geometry(model, torch.zeros((1,) + tuple(crop_shape), device=device), model.member_models())
+
+
+def attention_to_frame(attention: dict[str, dict[str, torch.Tensor]], by_shape: dict[tuple, Geometry],
+                       crop_hw: tuple[int, int], frame: int) -> dict[str, np.ndarray]:
+    """``ModelOutput.attention`` on a centre crop -> ``{"<member>/<layer>": B x frame x frame}`` in [0, 1]: each
+    cell placed on the pixel its receptive field is centred on (``by_shape`` from :func:`member_geometries`;
+    stretched over the crop where unknown), then pasted where the centre crop was taken from."""
+    from .preprocess import to_face_frame
+
+    out = {}
+    for m, maps in attention.items():
+        for layer, a in maps.items():
+            a = a.detach().float().cpu().numpy()
+            geo = by_shape.get((m,) + a.shape[-2:]) or Geometry.stretched(a.shape[-2:], crop_hw)
+            out[f"{m}/{layer}"] = to_face_frame(upsample(a, geo, crop_hw), frame)
+    return out

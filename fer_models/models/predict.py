@@ -1,14 +1,20 @@
-"""Batched inference over in-memory uint8 faces, with optional ten-crop TTA, for training, evaluation and caching."""
+"""Batched inference over in-memory uint8 faces, with optional ten-crop TTA, for training, evaluation and caching;
+the one definition of ten-crop (:func:`forward_views`) and of "which class" (:func:`class_index`,
+:func:`resolve_targets`) that evaluation, the protocol, the app's predictor and the explanations share."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .fusion import FusionModel
-from .preprocess import crop_views, normalize
+from .base import ModelOutput
+from .preprocess import TENCROP_CENTER, crop_views, normalize
+
+# What a caller passes to mean "the class the model predicts" (the app's dropdown shows PREDICTED_CLASS).
+PREDICTED_CLASS = "predicted class"
+_PREDICTED_ALIASES = ("", "predicted", "auto", PREDICTED_CLASS)
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -43,6 +49,30 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def forward_views(model: torch.nn.Module, views: torch.Tensor, *, attention: bool = False,
+                  channels_last: bool = False) -> ModelOutput:
+    """One forward of ``views`` (B x C x h x w, or V x B x C x h x w from ``crop_views``) as one :class:`ModelOutput`.
+
+    Ten-crop is the mean of the views' **logits** (fused and per member), so a temperature then scales one
+    averaged logit vector; attention maps come from the centre view. This is what the published ten-crop
+    accuracies measure, and every path (evaluation, protocol, app, explanations' target) goes through here.
+    """
+    if views.dim() == 4:
+        x = views.contiguous(memory_format=torch.channels_last) if channels_last else views
+        return model(x, attention=attention)
+    v, b = views.shape[:2]
+    flat = views.reshape(v * b, *views.shape[2:])
+    out = model(flat.contiguous(memory_format=torch.channels_last) if channels_last else flat, attention=attention)
+
+    def mean(lg: torch.Tensor) -> torch.Tensor:
+        return lg.float().reshape(v, b, -1).mean(0)
+
+    centre = TENCROP_CENTER if v == 10 else v // 2
+    attention = {m: {k: a.reshape(v, b, *a.shape[1:])[centre] for k, a in layers.items()}
+                 for m, layers in out.attention.items()}
+    return ModelOutput(mean(out.logits), {k: mean(lg) for k, lg in out.member_logits.items()}, attention)
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module, images: Union[np.ndarray, torch.Tensor], *, tta: str = "center", batch_size: int = 512,
@@ -50,14 +80,13 @@ def predict_logits(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits for uint8 ``N x H x W`` (or ``N x C x H x W``) faces already at the model's ``input_size``.
 
-    Returns ``(logits, member_logits)``; ``member_logits`` is ``{}`` except for a :class:`FusionModel`.
-    With ``tta="tencrop"`` the logits are averaged over the ten crops. ``batch_size`` counts network inputs (views),
-    so a ten-crop forward holds ``batch_size // 10`` faces: 5,120-view forwards ran 24% slower on a 2-core CPU.
+    Returns ``(logits, member_logits)``; ``member_logits`` is ``{}`` unless the model fuses members. With
+    ``tta="tencrop"`` the logits are averaged over the ten crops (:func:`forward_views`). ``batch_size`` counts
+    network inputs (views), so a ten-crop forward holds ``batch_size // 10`` faces.
     """
     spec = model.input_spec()
     dev = next(model.parameters()).device if device is None else resolve_device(device)
     model.eval()
-    is_fusion = isinstance(model, FusionModel)
     x_all = torch.as_tensor(images)
     if x_all.dim() == 3:
         x_all = x_all.unsqueeze(1)
@@ -67,21 +96,13 @@ def predict_logits(
     members: dict[str, list[torch.Tensor]] = {}
     step = max(1, batch_size // (10 if tta == "tencrop" else 1))
     for i in range(0, len(x_all), step):
-        x = normalize(x_all[i:i + step].to(dev), spec)
-        views = crop_views(x, spec["crop_size"], tta)
-        if tta == "center":
-            views = views.unsqueeze(0)
-        v, b = views.shape[:2]
-        flat = views.reshape(v * b, *views.shape[2:])
-        if channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
+        views = crop_views(normalize(x_all[i:i + step].to(dev), spec), spec["crop_size"], tta)
         with autocast(dev, amp_enabled(dev, amp)):
-            res = model(flat, return_members=True) if is_fusion else model(flat)
-        if is_fusion:
+            res = forward_views(model, views, channels_last=channels_last)
+        out.append(res.logits.float().cpu())
+        if model.fuses_members:
             for name, lg in res.member_logits.items():
-                members.setdefault(name, []).append(lg.float().reshape(v, b, -1).mean(0).cpu())
-            res = res.logits
-        out.append(res.float().reshape(v, b, -1).mean(0).cpu())
+                members.setdefault(name, []).append(lg.float().cpu())
     logits = torch.cat(out).numpy()
     return logits, {k: torch.cat(v).numpy() for k, v in members.items()}
 
@@ -90,3 +111,39 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(-1, keepdims=True)
+
+
+# --- which class ------------------------------------------------------------------------------------------------
+Target = Union[None, int, str, Sequence[Union[int, str]], np.ndarray, torch.Tensor]
+
+
+def class_index(target: Union[None, int, str], class_names: Sequence[str]) -> Optional[int]:
+    """One class: None for "the predicted class" (None, ``""``, ``"predicted"``, ``"auto"``,
+    :data:`PREDICTED_CLASS`), else the index of a class name, an index, or an index written as a string.
+    Raises ``ValueError`` naming the classes for anything else."""
+    if target is None or (isinstance(target, str) and target.strip().lower() in _PREDICTED_ALIASES):
+        return None
+    if isinstance(target, str) and target.lstrip("-").isdigit():
+        target = int(target)
+    if isinstance(target, str):
+        if target not in class_names:
+            raise ValueError(f"unknown target class {target!r}; choose one of {list(class_names)}")
+        return list(class_names).index(target)
+    if not 0 <= int(target) < len(class_names):
+        raise ValueError(f"target class index {int(target)} is out of range 0..{len(class_names) - 1}")
+    return int(target)
+
+
+def resolve_targets(target: Target, class_names: Sequence[str], predicted: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 class per face: ``predicted`` (B,) where ``target`` means the predicted class, one class for every
+    face, or a sequence of one target per face (each resolved by :func:`class_index`)."""
+    b = predicted.shape[0]
+    if target is None or isinstance(target, (int, np.integer, str)):
+        t = class_index(target, class_names)
+        return predicted.long().clone() if t is None else torch.full((b,), t, dtype=torch.long, device=predicted.device)
+    seq = target.tolist() if isinstance(target, (np.ndarray, torch.Tensor)) else list(target)
+    if len(seq) != b:
+        raise ValueError(f"got {len(seq)} targets for {b} faces")
+    idx = [class_index(s, class_names) for s in seq]
+    return torch.tensor([int(p) if i is None else i for i, p in zip(idx, predicted.tolist())], dtype=torch.long,
+                        device=predicted.device)

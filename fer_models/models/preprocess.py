@@ -36,10 +36,30 @@ def normalize(x: torch.Tensor, spec: dict) -> torch.Tensor:
     return standardize(x.float() / 255.0, spec)
 
 
+def center_offset(size: int, crop: int) -> int:
+    """Where a centre crop of ``crop`` px starts in a ``size`` px side: the one crop geometry of prediction,
+    attention maps and explanations."""
+    return (size - crop) // 2
+
+
 def center_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
     h, w = x.shape[-2:]
-    top, left = (h - crop) // 2, (w - crop) // 2
+    top, left = center_offset(h, crop), center_offset(w, crop)
     return x[..., top:top + crop, left:left + crop]
+
+
+def to_face_frame(maps: np.ndarray, frame: int) -> np.ndarray:
+    """B x h x w maps on the centre crop -> B x frame x frame float32 in [0, 1] (NaN as 0), placed where
+    :func:`center_crop` took the crop from, with zeros on the border it cut off."""
+    maps = np.clip(np.nan_to_num(np.asarray(maps, np.float32)), 0, 1)
+    h, w = maps.shape[-2:]
+    top, left = center_offset(frame, h), center_offset(frame, w)
+    out = np.zeros((maps.shape[0], frame, frame), np.float32)
+    out[:, top:top + h, left:left + w] = maps
+    return out
+
+
+TENCROP_CENTER = 4  # index of the (unmirrored) centre view in ten_crop's order
 
 
 def ten_crop(x: torch.Tensor, crop: int) -> torch.Tensor:

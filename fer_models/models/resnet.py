@@ -6,7 +6,7 @@ Grad-CAM targets the last block of ``layer3`` (11x11 at 44 px); ``layer4`` is on
 
 ``resnet18_cbam`` adds a CBAM module (channel attention, then spatial attention) at the end of every
 residual branch. Its forward pass can return the spatial attention map of each stage
-(``forward(x, return_attention=True)``), which the app shows beside Grad-CAM.
+(``forward(x, attention=True).attention``), which the app shows beside Grad-CAM.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """VGG with batch norm (Simonyan & Zisserman, 2015), adapted to 48x48 grayscale FER faces.
 
 ``vgg19_cbam`` adds a CBAM module (Woo et al., ECCV 2018) at the end of every stage, before its pool; its
-forward pass can return each stage's spatial attention map (``forward(x, return_attention=True)``).
+forward pass can return each stage's spatial attention map (``forward(x, attention=True).attention``).
 
 Follows torchvision's ``models/vgg.py`` (architecture as data in ``cfgs``), with two FER changes:
 the last max-pool is dropped so a 44x44 crop ends on a 2x2 map (44->22->11->5->2) instead of collapsing to

@@ -1,9 +1,11 @@
 """The image pipeline: RGB pixels -> faces -> aligned crops -> every backbone + fusion -> result objects.
 
-One way through the code for the app, the batch CLI, the video pipeline, benchmarks and tests alike:
+One way through the code for the app, the batch CLI, the video pipeline, the protocol, benchmarks and tests alike:
 :class:`FacePredictor` holds one loaded model and runs all faces of an image (or of a batch of images) in one
-batched forward pass; its method arguments mirror the app's inputs. Explanations come from an optional injected
-``explainer`` (``explain.Explainer``; this package does not import it) computed from the *same* crops.
+batched forward pass of its BatchNorm-folded copy; its method arguments mirror the app's inputs. Crops are
+prepared once from the model's input spec; explanations come from an optional injected ``explainer``
+(``explain.Explainer``; this package does not import it) run beside the prediction on the centre view of the
+*same* tensor, for the class the prediction reports, and never replace a probability or an attention map.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..models.preprocess import prepare_faces
+from ..models.fold import prepare_for_inference
+from ..models.geometry import attention_to_frame, member_geometries
+from ..models.predict import class_index, forward_views
+from ..models.preprocess import TENCROP_CENTER, prepare_faces
 from .errors import InputError
 from .faces import DEFAULT_DETECTOR, FaceBox, FaceDetector, crop_face, detect_faces, get_detector
 from .images import ImageSource, load_image
@@ -31,26 +36,11 @@ log = logging.getLogger(__name__)
 NO_FACE_NOTE = "No face found. Tick 'classify the whole image as one face' to classify it anyway."
 
 
-def _frame_map(m: torch.Tensor, spec: dict) -> np.ndarray:
-    """B x h x w maps on the centre crop -> B x input_size x input_size in [0, 1], aligned with the face crop."""
-    crop, size = spec["crop_size"], spec["input_size"]
-    m = torch.nn.functional.interpolate(m.float()[:, None], size=(crop, crop), mode="bilinear", align_corners=False)
-    p = (size - crop) // 2
-    # Zeros where the centre crop cut the frame off, as explain.Explainer does for its maps.
-    m = torch.nn.functional.pad(m, (p, size - crop - p, p, size - crop - p))[:, 0]
-    return m.clamp(0, 1).cpu().numpy()
-
-
-def _mean_view_probs(logits: torch.Tensor, views: int) -> torch.Tensor:
-    """(views * B) x C logits -> B x C probabilities averaged over the views."""
-    return logits.float().softmax(-1).view(views, -1, logits.shape[-1]).mean(0)
-
-
 @dataclass
 class RawPredictions:
-    probs: np.ndarray  # B x C fused probabilities
+    probs: np.ndarray  # B x C fused probabilities (model.probabilities: the config's temperatures applied)
     member_probs: dict[str, np.ndarray]  # member -> B x C
-    attention: dict[str, np.ndarray]  # "<member>/<layer>" -> B x input_size x input_size
+    attention: dict[str, np.ndarray]  # "<member>/<layer>" -> B x input_size x input_size (centre view)
 
 
 @dataclass
@@ -76,86 +66,75 @@ class FacePredictor:
     def __init__(
         self, model: torch.nn.Module, *, detector: Union[str, FaceDetector] = DEFAULT_DETECTOR,
         explainer: Any = None, source: Optional[ModelSource] = None, max_faces: int = 50,
-        max_explained: int = 8, detect_max_side: int = 640, crop_px: int = 144,
+        max_explained: int = 8, detect_max_side: int = 640, crop_px: Optional[int] = None,
     ):
-        from ..models.fold import prepare_for_inference  # a copy: BatchNorm folded, channels_last (faster)
-
-        self.model = prepare_for_inference(model.eval())
+        self.model = prepare_for_inference(model.eval())  # every prediction: a BatchNorm-folded, channels_last copy
         self.device = next(model.parameters()).device
         self.spec = model.input_spec()
         self.class_names: list[str] = list(model.class_names)
-        self.is_fusion = hasattr(model, "member_names")
-        self.backbones: list[str] = list(model.member_names) if self.is_fusion else [model.arch]
+        self.backbones: list[str] = list(model.member_names)
         self.detector = detector
         self.explainer = explainer
         self.source = source or ModelSource("memory", model.arch, str(self.device), model.arch)
         self.max_faces, self.max_explained = max_faces, max_explained
-        self.detect_max_side, self.crop_px = detect_max_side, crop_px
+        self.detect_max_side = detect_max_side
+        # Detector crops are cut at 3x the model's input size, not at it: the same crop is the picture the app shows
+        # and overlays heatmaps on, and preprocessing resamples it to input_size for the model (area averaging).
+        self.crop_px = crop_px or 3 * int(self.spec["input_size"])
+        self._geometry: dict[tuple, dict] = {}
+        self._geometry_lock = threading.Lock()
 
     # --- building blocks ------------------------------------------------------------------------------------
     def get_detector(self, detector: Union[str, FaceDetector, None] = None) -> FaceDetector:
         d = detector or self.detector
         return get_detector(d) if isinstance(d, str) else d
 
-    def _forward(self, x: torch.Tensor):
-        if self.is_fusion:
-            out = self.model(x, return_members=True, return_attention=True)
-            return out.logits, out.member_logits, out.attention
-        if getattr(self.model, "has_attention", False):
-            logits, att = self.model(x, return_attention=True)
-            return logits, {self.model.arch: logits}, {self.model.arch: att}
-        logits = self.model(x)
-        return logits, {self.model.arch: logits}, {}
+    def prepare(self, crops: Sequence[np.ndarray], tta: bool = False) -> torch.Tensor:
+        """Face crops -> the model's input per its spec: B x C x h x w, or 10 x B x ... with ten-crop."""
+        return prepare_faces(list(crops), self.spec, tta="tencrop" if tta else "center").to(self.device)
+
+    def _attention_geometry(self, crop_shape: tuple) -> dict:
+        """Where each attention cell sits in the crop, probed once per crop shape (as the explainer's CAMs)."""
+        with self._geometry_lock:
+            if crop_shape not in self._geometry:
+                self._geometry[crop_shape] = member_geometries(self.model, crop_shape, self.device)[1]
+            return self._geometry[crop_shape]
 
     @torch.inference_mode()
-    def predict_crops(self, crops: Sequence[np.ndarray], tta: bool = False) -> RawPredictions:
-        """Probabilities for face crops (uint8, any size), all in one batch; ten-crop averages 10 views."""
-        x = prepare_faces(list(crops), self.spec, tta="tencrop" if tta else "center").to(self.device)
-        if tta:
-            views = x.shape[0]
-            logits, members, att = self._forward(x.flatten(0, 1))
-            probs = _mean_view_probs(logits, views)
-            member_probs = {k: _mean_view_probs(v, views) for k, v in members.items()}
-            # Attention is shown for the centre view (index 4 of ten_crop's order) only.
-            att = {m: {k: v.view(views, -1, *v.shape[1:])[4] for k, v in layers.items()} for m, layers in att.items()}
-        else:
-            logits, members, att = self._forward(x)
-            probs = logits.float().softmax(-1)
-            member_probs = {k: v.float().softmax(-1) for k, v in members.items()}
-        attention = {f"{m}/{k}": _frame_map(v, self.spec) for m, layers in att.items() for k, v in layers.items()}
+    def predict(self, x: torch.Tensor) -> RawPredictions:
+        """Probabilities and attention maps for prepared faces (:meth:`prepare`): the one prediction path."""
+        out = forward_views(self.model, x, attention=True)
+        probs, member_probs = self.model.probabilities(out)
+        attention = attention_to_frame(out.attention, self._attention_geometry(tuple(x.shape[-3:])),
+                                       tuple(x.shape[-2:]), self.spec["input_size"])
         return RawPredictions(probs.cpu().numpy(), {k: v.cpu().numpy() for k, v in member_probs.items()}, attention)
+
+    def predict_crops(self, crops: Sequence[np.ndarray], tta: bool = False) -> RawPredictions:
+        """Probabilities for face crops (uint8, any size), all in one batch; ten-crop averages 10 views' logits."""
+        return self.predict(self.prepare(crops, tta))
 
     def class_index(self, target: Union[None, int, str]) -> Optional[int]:
         """None (the predicted class), a class index, or a class name -> index or None."""
-        if target is None or target == "" or (isinstance(target, str) and target.lower() in ("predicted", "auto")):
-            return None
-        if isinstance(target, str) and target.lstrip("-").isdigit():
-            target = int(target)
-        if isinstance(target, (int, np.integer)):
-            if not 0 <= int(target) < len(self.class_names):
-                raise InputError(f"Target class index {target} is out of range 0..{len(self.class_names) - 1}.")
-            return int(target)
-        if target not in self.class_names:
-            raise InputError(f"Unknown target class {target!r}; choose one of {self.class_names}.")
-        return self.class_names.index(target)
+        try:
+            return class_index(target, self.class_names)
+        except ValueError as e:
+            raise InputError(f"{str(e)[0].upper()}{str(e)[1:]}.") from e
 
-    def _explain(self, crops: Sequence[np.ndarray], method: Optional[str], target: Optional[int]):
+    def explain(self, x: torch.Tensor, raw: RawPredictions, rows: Sequence[int], method: Optional[str],
+                target: Optional[int]):
+        """The explainer's maps for faces ``rows`` of prepared faces ``x`` (their centre view), for ``target`` or
+        else the class ``raw`` predicts for each: what is explained is what is reported."""
         if self.explainer is None:
             raise RuntimeError("this predictor has no explainer")
-        x = prepare_faces(list(crops), self.spec, tta="center").to(self.device)
-        kwargs: dict[str, Any] = {"target": target}
+        centre = x[TENCROP_CENTER] if x.dim() == 5 else x
+        rows = list(rows)
+        kwargs: dict[str, Any] = {"target": raw.probs[rows].argmax(1) if target is None else target}
         if method:
             kwargs["method"] = method
         try:
-            return self.explainer.explain(x, **kwargs)
+            return self.explainer.explain(centre[rows], **kwargs)
         except ValueError as e:  # e.g. an unknown method name typed into the API
             raise InputError(f"Cannot compute the explanation: {e}") from e
-
-    def explain_crops(self, crops: Sequence[np.ndarray], method: Optional[str] = None,
-                      target: Optional[int] = None) -> dict[str, np.ndarray]:
-        """Grad-CAM maps ``{name: B x S x S}`` for crops (centre view), via the injected explainer."""
-        exp = self._explain(crops, method, target)
-        return {k: np.asarray(v, dtype=np.float32) for k, v in exp.heatmaps.items()}
 
     # --- whole images: find faces, then classify (and explain) the faces of one or many images at once ----
     def find_faces(
@@ -188,8 +167,8 @@ class FacePredictor:
         max_explained: Optional[int] = None,
     ) -> list[ImageAnalysis]:
         """One :class:`ImageAnalysis` per image: the crops of all ``images`` go through the model in one
-        batched forward pass (and the explained ones through the explainer in one more, or in the same one
-        when every face is explained without TTA). Timings of these shared stages are the whole batch's."""
+        batched forward pass (and the explained ones through the explainer beside it, on the same prepared
+        tensor). Timings of these shared stages are the whole batch's."""
         target_idx = self.class_index(cam_target)
         offsets = np.cumsum([0] + [len(d.crops) for d in images]).tolist()
         crops = [c for d in images for c in d.crops]
@@ -215,20 +194,16 @@ class FacePredictor:
         return out
 
     def _predict(self, crops, explained, tta, cam_method, target_idx):
-        """``(raw predictions of every crop, the explanation of the `explained` crops or None, timings)``."""
+        """``(raw predictions of every crop, the explanation of the `explained` crops or None, timings)``: the
+        crops are prepared once; the explainer only adds maps beside the prediction."""
         t = time.perf_counter()
-        if explained and len(explained) == len(crops) and not tta:
-            # The explainer's own forward pass already gives every probability and attention map: one pass.
-            exp = self._explain(crops, cam_method, target_idx)
-            raw = RawPredictions(np.asarray(exp.probs), {k: np.asarray(v) for k, v in exp.member_probs.items()},
-                                 {k: np.asarray(v) for k, v in exp.attention.items()})
-            return raw, exp, {"classify+explain": (time.perf_counter() - t) * 1000}
-        raw = self.predict_crops(crops, tta=tta)
+        x = self.prepare(crops, tta)
+        raw = self.predict(x)
         timings = {"classify": (time.perf_counter() - t) * 1000}
         exp = None
         if explained:
             t = time.perf_counter()
-            exp = self._explain([crops[i] for i in explained], cam_method, target_idx)
+            exp = self.explain(x, raw, explained, cam_method, target_idx)
             timings["explain"] = (time.perf_counter() - t) * 1000
         return raw, exp, timings
 
@@ -249,9 +224,6 @@ class FacePredictor:
         """Give ``faces[j]`` row ``row`` of the explanation ``exp`` for each ``(row, j)``."""
         for row, j in rows:
             faces[j].heatmaps = {name: np.asarray(m[row], np.float32) for name, m in exp.heatmaps.items()}
-            # The explainer maps attention onto the face frame through each layer's receptive field;
-            # prefer its maps for the faces it explained, so they line up with the CAMs.
-            faces[j].attention.update({k: np.asarray(v[row], np.float32) for k, v in exp.attention.items()})
             faces[j].cam_target = self.class_names[int(exp.targets[row])]
         if 0 < len(rows) < len(faces):
             numbers = ", ".join(f"#{faces[j].index}" for _, j in rows)
@@ -295,7 +267,8 @@ class FacePredictor:
     ) -> tuple[ImageAnalysis, np.ndarray]:
         """``(analysis, rgb)`` for an image file, bytes, array or PIL image.
 
-        detector: ``"mtcnn"`` or ``"haar"`` (default: the predictor's); tta: ten-crop averaging;
+        detector: a key of ``faces.DETECTORS`` (e.g. ``"mtcnn"``, ``"blazeface"``) or a detector (default: the
+        predictor's); tta: ten-crop (the mean of the ten views' logits);
         whole_image: classify the whole image as one face when no face is found; explain: Grad-CAM for up to
         ``max_explained`` faces (largest first) with ``cam_method`` and ``cam_target`` (None = predicted class).
         Boxes refer to the returned ``rgb`` (upright, downscaled to at most ``MAX_WORKING_SIDE``).

@@ -102,7 +102,6 @@ def _predict(predictor, images: Sequence[np.ndarray], tta: bool = False, chunk: 
 def _fer_row(predictor, data: FaceData, tta: bool) -> dict:
     probs, members = _predict(predictor, data.images, tta=tta)
     return _row(data.labels, probs, members, predictor.class_names)
-    return _row(data.labels, raw.probs, raw.member_probs, predictor.class_names)
 
 
 def _ck_row(predictor, data: FaceData) -> dict:
