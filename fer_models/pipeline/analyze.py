@@ -1,7 +1,7 @@
 """Batch analysis: files, folders, globs and videos in; one row per face (fused and per-backbone probabilities,
 box, landmarks, detector score, frame time, track id) out, as a DataFrame and optionally CSV, JSONL or Parquet.
 
-The same pipeline as the app (:class:`FacePredictor` for photos, :func:`video.analyse_frames` for clips): images
+The same pipeline as the app (:class:`FacePredictor` for photos, :func:`video.analyze_frames` for clips): images
 are read and their faces found one by one (in a worker thread, ahead of the model), then the crops of
 ``batch_size`` images go through the model in one forward pass. Rows are appended to the output after every
 batch, so a killed run keeps what it did, and a rerun skips the files (and video frames) the output already holds.
@@ -32,7 +32,7 @@ from .images import load_image
 from .loading import DEFAULT_CHECKPOINT_DIR
 from .predictor import NO_FACE_NOTE, DetectedFaces, FacePredictor, get_predictor
 from .results import ImageAnalysis, cam_panel, face_row, row_columns
-from .video import DEFAULT_SAMPLE_FPS, analyse_frames, default_tracker, probe_video
+from .video import DEFAULT_SAMPLE_FPS, analyze_frames, default_tracker, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,7 @@ class _Run:
         frames = 0
         try:
             probe_video(file)  # a clear message for files that are not videos
-            for af in analyse_frames(self.predictor, file, sample_fps=self.sample_fps, max_seconds=self.max_seconds,
+            for af in analyze_frames(self.predictor, file, sample_fps=self.sample_fps, max_seconds=self.max_seconds,
                                      detector=self.detector, batch_size=self.batch_size, tracker=tracker,
                                      after_frame=resume.last_frame.get(file, -1), notes=notes, **self.classify_kw):
                 ctx = {"file": file, "frame": af.frame_number, "time_s": round(af.time_s, 3)}

@@ -265,7 +265,7 @@ class VideoAnalysis:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
-    def analysed_seconds(self) -> float:
+    def analyzed_seconds(self) -> float:
         return self.frames[-1].time_s if self.frames else 0.0
 
     def timeline(self, track_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +336,7 @@ def default_tracker(sample_fps: float) -> IoUTracker:
     return IoUTracker(max_age=max(2, int(round(2 * sample_fps))))
 
 
-def analyse_frames(
+def analyze_frames(
     predictor: FacePredictor, path: Union[str, Path], *, sample_fps: float = DEFAULT_SAMPLE_FPS,
     max_seconds: float = MAX_SECONDS, detector: Union[str, FaceDetector, None] = None, batch_size: int = 8,
     tracker: Optional[IoUTracker] = None, after_frame: int = -1, notes: Optional[list[str]] = None,
@@ -391,12 +391,12 @@ def analyze_video(
     det = predictor.get_detector(detector)
     writer: Optional[H264Writer] = None
     frames: list[FrameResult] = []
-    timings = {"analyse": 0.0, "encode": 0.0}
+    timings = {"analyze": 0.0, "encode": 0.0}
     t = time.perf_counter()
     try:
-        for af in analyse_frames(predictor, path, sample_fps=sample_fps, max_seconds=max_seconds, detector=det,
+        for af in analyze_frames(predictor, path, sample_fps=sample_fps, max_seconds=max_seconds, detector=det,
                                  tta=tta, batch_size=batch_size, notes=notes):
-            timings["analyse"] += (time.perf_counter() - t) * 1000  # decoding, detection and the model
+            timings["analyze"] += (time.perf_counter() - t) * 1000  # decoding, detection and the model
             t = time.perf_counter()
             faces = []
             for tid, f in zip(af.track_ids, af.analysis.faces):
