@@ -1,7 +1,7 @@
 """Model registry: architectures register a builder by name (after timm's ``_registry.py``).
 
 ``create_model("resnet18", num_classes=7)`` builds an untrained model from keyword config; every builder
-returns an :class:`~fer_models.base.FERModel`, so the config (and with it the preprocessing) travels with it.
+returns an :class:`~fer_models.models.base.FERModel`, so the config (and with it the preprocessing) travels with it.
 """
 from __future__ import annotations
 
