@@ -41,6 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-image", action="store_true", help="classify an image without a face as one face")
     p.add_argument("--sample-fps", type=float, default=DEFAULT_SAMPLE_FPS, help="video frames analysed per second")
     p.add_argument("--max-seconds", type=float, default=float("inf"), help="analyse only the start of each video")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="SECONDS",
+                   help="also write each video track's probabilities smoothed over time with this time constant "
+                        "(smooth_* columns beside the raw ones; 0.5 suits expressions; default 0: off)")
     p.add_argument("--cam-dir", default=None, help="write a Grad-CAM PNG per face to this folder")
     p.add_argument("--cam-method", default=None, help="gradcam (default), gradcam++, hirescam, layercam, eigencam")
     p.add_argument("--workers", type=int, default=1, help="threads reading images and finding faces ahead")
@@ -64,7 +67,7 @@ def main(argv: Optional[list[str]] = None):
             device=args.device, batch_size=args.batch_size, detector=args.detector, tta=args.tta,
             whole_image=args.whole_image, sample_fps=args.sample_fps, max_seconds=args.max_seconds,
             cam_dir=args.cam_dir, cam_method=args.cam_method, make_explainer=make_explainer,
-            resume=not args.no_resume, workers=args.workers, progress=not args.quiet,
+            resume=not args.no_resume, workers=args.workers, progress=not args.quiet, smooth_s=args.smooth,
         )
     except (InputError, ModelLoadError) as e:
         sys.exit(f"error: {e}")

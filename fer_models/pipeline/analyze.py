@@ -32,6 +32,7 @@ from .images import load_image
 from .loading import DEFAULT_CHECKPOINT_DIR
 from .predictor import NO_FACE_NOTE, DetectedFaces, FacePredictor, get_predictor
 from .results import ImageAnalysis, cam_panel, face_row, row_columns
+from .smoothing import SMOOTH_PREFIX, TrackSmoother, check_time_constant, smoothed_columns, smoothed_fields
 from .video import DEFAULT_SAMPLE_FPS, analyze_frames, default_tracker, probe_video
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class TableOutput:
                     df = pd.DataFrame([json.loads(line) for line in f if line.strip()])
         if list(df.columns) != self.columns:
             raise InputError(f"{self.path} holds other columns than this model's results (another model or "
-                             "version?): write to a new file.")
+                             "version, or a run with(out) --smooth?): write to a new file.")
         return df.astype(column_dtypes(self.columns))
 
     def append(self, rows: Sequence[dict]) -> None:
@@ -189,6 +190,8 @@ class ResumeState:
     done_files: set[str] = field(default_factory=set)
     last_frame: dict[str, int] = field(default_factory=dict)  # video -> last analysed frame number
     last_tracks: dict[str, tuple[list[int], list[FaceBox]]] = field(default_factory=dict)  # its faces
+    # video -> (time of its last analysed frame, {track id: smoothed probabilities}) when the rows have them
+    last_smoothed: dict[str, tuple[float, dict[int, list[float]]]] = field(default_factory=dict)
 
     @classmethod
     def from_table(cls, df: Optional[pd.DataFrame]) -> "ResumeState":
@@ -204,6 +207,10 @@ class ResumeState:
             at = rows[(rows["frame"] == last) & rows["track_id"].notna()]
             boxes = [FaceBox(r.x0, r.y0, r.x1, r.y1, r.det_score) for r in at.itertuples()]
             state.last_tracks[str(file)] = ([int(t) for t in at["track_id"]], boxes)
+            smooth = [c for c in df.columns if c.startswith(f"{SMOOTH_PREFIX}p_")]
+            if smooth and len(at):
+                state.last_smoothed[str(file)] = (float(at["time_s"].iloc[0]), {
+                    int(t): [float(v) for v in vals] for t, vals in zip(at["track_id"], at[smooth].to_numpy())})
         return state
 
 
@@ -233,10 +240,11 @@ class _Run:
 
     def __init__(self, predictor: FacePredictor, output: Optional[TableOutput], columns: list[str], *,
                  batch_size: int, detector, tta: bool, whole_image: bool, sample_fps: float, max_seconds: float,
-                 cam_dir: Optional[Path], cam_method: Optional[str], bar: tqdm):
+                 cam_dir: Optional[Path], cam_method: Optional[str], bar: tqdm, smooth_s: float = 0.0):
         self.predictor, self.output, self.columns, self.bar = predictor, output, columns, bar
         self.batch_size, self.detector, self.whole_image = max(1, int(batch_size)), detector, whole_image
         self.sample_fps, self.max_seconds, self.cam_dir = sample_fps, max_seconds, cam_dir
+        self.smooth_s = smooth_s
         self.classify_kw = dict(tta=tta, explain=cam_dir is not None, cam_method=cam_method,
                                 max_explained=predictor.max_faces)
         self.rows: list[dict] = []
@@ -248,12 +256,15 @@ class _Run:
         if self.output is not None:
             self.output.append(rows)
 
-    def analysis_rows(self, analysis: ImageAnalysis, context: dict, track_ids: Optional[list[int]] = None):
+    def analysis_rows(self, analysis: ImageAnalysis, context: dict, track_ids: Optional[list[int]] = None,
+                      smoothed: Optional[np.ndarray] = None):
         notes = "; ".join(n for n in analysis.notes if n != NO_FACE_NOTE) or None
         ctx = dict(context, n_faces=len(analysis.faces), width=analysis.width, height=analysis.height, notes=notes)
         rows = []
         for i, f in enumerate(analysis.faces):
             row = face_row(f, **ctx, track_id=None if track_ids is None else track_ids[i])
+            if smoothed is not None:
+                row.update(smoothed_fields(analysis.class_names, smoothed[i]))
             if f.heatmaps is not None and self.cam_dir is not None:
                 path = self.cam_dir / cam_filename(context["file"], context.get("frame"), f.index)
                 Image.fromarray(cam_panel(f)).save(path)
@@ -306,6 +317,11 @@ class _Run:
         tracker = default_tracker(self.sample_fps)
         if file in resume.last_tracks:
             tracker.seed(*resume.last_tracks[file])
+        smoother = TrackSmoother(self.smooth_s) if self.smooth_s else None
+        if smoother is not None and file in resume.last_smoothed:
+            t, by_track = resume.last_smoothed[file]
+            for tid, probs in by_track.items():
+                smoother.seed(tid, t, probs)
         notes: list[str] = []
         pending: list[dict] = []
         frames = 0
@@ -313,9 +329,10 @@ class _Run:
             probe_video(file)  # a clear message for files that are not videos
             for af in analyze_frames(self.predictor, file, sample_fps=self.sample_fps, max_seconds=self.max_seconds,
                                      detector=self.detector, batch_size=self.batch_size, tracker=tracker,
-                                     after_frame=resume.last_frame.get(file, -1), notes=notes, **self.classify_kw):
+                                     after_frame=resume.last_frame.get(file, -1), notes=notes, smoother=smoother,
+                                     **self.classify_kw):
                 ctx = {"file": file, "frame": af.frame_number, "time_s": round(af.time_s, 3)}
-                pending += self.analysis_rows(af.analysis, ctx, af.track_ids)
+                pending += self.analysis_rows(af.analysis, ctx, af.track_ids, af.smoothed)
                 frames += 1
                 if frames % self.batch_size == 0:
                     self.emit(pending)
@@ -358,7 +375,7 @@ def analyze(
     whole_image: bool = False, sample_fps: float = DEFAULT_SAMPLE_FPS, max_seconds: float = math.inf,
     cam_dir: Optional[PathLike] = None, cam_method: Optional[str] = None,
     make_explainer: Optional[Callable[[Any], Any]] = None, resume: bool = True, workers: int = 1,
-    progress: bool = True,
+    progress: bool = True, smooth_s: float = 0.0,
 ) -> pd.DataFrame:
     """Every face of every image and sampled video frame in ``inputs``, one row each (docs/analyze.md).
 
@@ -368,7 +385,9 @@ def analyze(
     or this run's rows without ``out``. predictor: a ready one, else the weights of ``repo_id`` /
     ``checkpoint_dir`` are loaded. batch_size: images (or frames) per forward pass. cam_dir: write a Grad-CAM
     PNG per face there; needs a predictor with an explainer, or ``make_explainer`` (``explain.Explainer``).
-    workers: threads reading images and finding faces ahead of the model (0: none).
+    workers: threads reading images and finding faces ahead of the model (0: none). smooth_s: add each video
+    track's probabilities smoothed over time with this time constant in seconds (``smooth_*`` columns beside
+    the raw ones; :mod:`.smoothing`); 0: no such columns.
     """
     t0 = time.perf_counter()
     if predictor is None:
@@ -380,7 +399,10 @@ def analyze(
                              "explainer=explain.Explainer(model)), or make_explainer=explain.Explainer")
         cam_dir = Path(cam_dir)
         cam_dir.mkdir(parents=True, exist_ok=True)
+    smooth_s = check_time_constant(smooth_s)
     columns = row_columns(predictor.class_names, predictor.backbones)
+    if smooth_s:
+        columns += smoothed_columns(predictor.class_names)
     output = TableOutput(out, columns) if out is not None else None
     if output is not None and not resume and output.path.exists():
         output.path.unlink()
@@ -391,7 +413,7 @@ def analyze(
     with tqdm(total=len(files), unit="file", disable=not progress, dynamic_ncols=True) as bar:
         run = _Run(predictor, output, columns, batch_size=batch_size, detector=detector, tta=tta,
                    whole_image=whole_image, sample_fps=sample_fps, max_seconds=max_seconds,
-                   cam_dir=cam_dir, cam_method=cam_method, bar=bar)
+                   cam_dir=cam_dir, cam_method=cam_method, bar=bar, smooth_s=smooth_s)
         try:
             run.images(images, workers)
             for v in videos:

@@ -24,6 +24,7 @@ from .faces import FaceBox, FaceDetector
 from .errors import InputError
 from .predictor import FacePredictor
 from .results import FacePrediction, ImageAnalysis, class_color, draw_boxes, face_row, row_columns
+from .smoothing import TrackSmoother, check_time_constant, smoothed_columns, smoothed_fields
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ class H264Writer:
 class TrackedFace:
     track_id: int
     face: FacePrediction  # crop and attention maps are dropped to keep memory bounded
+    smoothed: Optional[dict[str, float]] = None  # the track's probabilities smoothed over time (smooth_s > 0)
 
 
 @dataclass
@@ -263,19 +265,24 @@ class VideoAnalysis:
     annotated_path: Optional[str] = None
     notes: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    smooth_s: float = 0.0  # time constant of the per-track smoothing (smoothing.py); 0: off
 
     @property
     def analyzed_seconds(self) -> float:
         return self.frames[-1].time_s if self.frames else 0.0
 
-    def timeline(self, track_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(times, probs)`` of one track: T and T x C arrays of fused probabilities."""
+    def timeline(self, track_id: int, smoothed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``(times, probs)`` of one track: T and T x C arrays of fused probabilities, or of their smoothed values
+        (``smoothed=True``; only when the clip was analysed with ``smooth_s > 0``)."""
+        if smoothed and not self.smooth_s:
+            raise ValueError("this clip was analysed without smoothing (smooth_s=0)")
         ts, ps = [], []
         for fr in self.frames:
             for tf in fr.faces:
                 if tf.track_id == track_id:
                     ts.append(fr.time_s)
-                    ps.append([tf.face.probs[c] for c in self.class_names])
+                    probs = tf.smoothed if smoothed else tf.face.probs
+                    ps.append([probs[c] for c in self.class_names])
         return np.array(ts), np.array(ps).reshape(len(ts), len(self.class_names))
 
     def rows(self, file: Optional[str] = None) -> list[dict]:
@@ -286,13 +293,24 @@ class VideoAnalysis:
         for fr in self.frames:
             frame = {**ctx, "frame": fr.frame_number, "time_s": round(fr.time_s, 3), "n_faces": len(fr.faces),
                      "width": self.info.width, "height": self.info.height}
-            out += [face_row(tf.face, **frame, track_id=tf.track_id) for tf in fr.faces] or [face_row(None, **frame)]
+            out += [face_row(tf.face, **frame, track_id=tf.track_id, **self._smoothed_fields(tf))
+                    for tf in fr.faces] or [face_row(None, **frame)]
         return out
+
+    def _smoothed_fields(self, tf: TrackedFace) -> dict:
+        if tf.smoothed is None:
+            return {}
+        return smoothed_fields(self.class_names, [tf.smoothed[c] for c in self.class_names])
+
+    def columns(self, file: bool = False) -> list[str]:
+        """The columns of :meth:`rows`: the batch analysis's, plus the smoothed ones when ``smooth_s > 0``."""
+        extra = smoothed_columns(self.class_names) if self.smooth_s else []
+        return row_columns(self.class_names, self.backbones, file=file) + extra
 
     def to_csv(self, path: Union[str, Path]) -> str:
         """:meth:`rows` as CSV, with the batch analysis's columns less ``file`` (docs/analyze.md)."""
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, row_columns(self.class_names, self.backbones, file=False))
+            w = csv.DictWriter(f, self.columns())
             w.writeheader()
             w.writerows(self.rows())
         return str(path)
@@ -303,6 +321,7 @@ class VideoAnalysis:
             "detector": self.detector, "class_names": self.class_names, "backbones": self.backbones,
             "tracks": [vars(t) for t in self.tracks], "notes": self.notes,
             "timings_ms": {k: round(v, 1) for k, v in self.timings_ms.items()},
+            "smooth_s": self.smooth_s,
         }
 
 
@@ -330,6 +349,7 @@ class AnalysedFrame:
     rgb: np.ndarray
     analysis: ImageAnalysis
     track_ids: list[int]
+    smoothed: Optional[np.ndarray] = None  # faces x classes: each track's smoothed probabilities (with a smoother)
 
 
 def default_tracker(sample_fps: float) -> IoUTracker:
@@ -340,12 +360,13 @@ def analyze_frames(
     predictor: FacePredictor, path: Union[str, Path], *, sample_fps: float = DEFAULT_SAMPLE_FPS,
     max_seconds: float = MAX_SECONDS, detector: Union[str, FaceDetector, None] = None, batch_size: int = 8,
     tracker: Optional[IoUTracker] = None, after_frame: int = -1, notes: Optional[list[str]] = None,
-    **classify_kw,
+    smoother: Optional[TrackSmoother] = None, **classify_kw,
 ) -> Iterator[AnalysedFrame]:
     """The video pipeline shared by :func:`analyze_video` (the app) and ``fer_models.analyze`` (batches):
     frames sampled at ``sample_fps``, faces found frame by frame, the crops of ``batch_size`` frames classified in
     one forward pass, then tracked in frame order. Frames numbered up to ``after_frame`` are decoded but not
-    analysed (resuming a run; pass a ``tracker`` seeded with the last analysed frame's faces).
+    analysed (resuming a run; pass a ``tracker`` seeded with the last analysed frame's faces). With a ``smoother``
+    each frame also carries its tracks' probabilities smoothed over time (:mod:`.smoothing`).
     ``classify_kw`` goes to :meth:`FacePredictor.classify` (``tta``, ``explain``, ``cam_method``, ...)."""
     if not 0 < sample_fps <= 30:
         raise InputError(f"Sample rate must be between 0 and 30 frames per second, got {sample_fps}.")
@@ -356,7 +377,12 @@ def analyze_frames(
 
     def flush() -> Iterator[AnalysedFrame]:
         for (n, ts, rgb), analysis in zip(pending, predictor.classify(found, **classify_kw)):
-            yield AnalysedFrame(n, ts, rgb, analysis, tracker.update([f.box for f in analysis.faces]))
+            ids = tracker.update([f.box for f in analysis.faces])
+            smoothed = None
+            if smoother is not None:
+                raw = [[f.probs[c] for c in predictor.class_names] for f in analysis.faces]
+                smoothed = smoother.update_frame(ids, ts, np.array(raw).reshape(len(raw), len(predictor.class_names)))
+            yield AnalysedFrame(n, ts, rgb, analysis, ids, smoothed)
         pending.clear()
         found.clear()
 
@@ -370,18 +396,30 @@ def analyze_frames(
     yield from flush()
 
 
+def _shown_label(tf: TrackedFace) -> tuple[str, float]:
+    """The label drawn on a face: its track's smoothed top class when smoothing is on, else the frame's own."""
+    if tf.smoothed is None:
+        return tf.face.label, tf.face.confidence
+    label = max(tf.smoothed, key=tf.smoothed.get)
+    return label, tf.smoothed[label]
+
+
 def analyze_video(
     predictor: FacePredictor, path: Union[str, Path], *, sample_fps: float = DEFAULT_SAMPLE_FPS,
     max_seconds: float = MAX_SECONDS, detector: Union[str, FaceDetector, None] = None, tta: bool = False,
     out_path: Union[str, Path, None] = None, progress: Optional[ProgressFn] = None, batch_size: int = 8,
+    smooth_s: float = 0.0,
 ) -> VideoAnalysis:
     """Analyse a clip: faces in frames sampled at ``sample_fps``, tracked across frames, summarised per track.
 
     Clips longer than ``max_seconds`` are trimmed to their first ``max_seconds`` (with a note). With
     ``out_path`` an annotated H.264 MP4 of the sampled frames is written there. ``progress(fraction, text)``
-    is called after each sampled frame (in bursts: ``batch_size`` frames share one forward pass).
+    is called after each sampled frame (in bursts: ``batch_size`` frames share one forward pass). ``smooth_s``:
+    the time constant in seconds of each track's smoothed probabilities (:mod:`.smoothing`; 0: none), kept beside
+    the raw ones; the annotated video then shows the smoothed label.
     """
     t0 = time.perf_counter()
+    smooth_s = check_time_constant(smooth_s)
     info = probe_video(path)
     notes: list[str] = []
     if info.duration > max_seconds:
@@ -395,19 +433,21 @@ def analyze_video(
     t = time.perf_counter()
     try:
         for af in analyze_frames(predictor, path, sample_fps=sample_fps, max_seconds=max_seconds, detector=det,
-                                 tta=tta, batch_size=batch_size, notes=notes):
+                                 tta=tta, batch_size=batch_size, notes=notes,
+                                 smoother=TrackSmoother(smooth_s) if smooth_s else None):
             timings["analyze"] += (time.perf_counter() - t) * 1000  # decoding, detection and the model
             t = time.perf_counter()
             faces = []
-            for tid, f in zip(af.track_ids, af.analysis.faces):
+            for i, (tid, f) in enumerate(zip(af.track_ids, af.analysis.faces)):
                 f.crop, f.attention = np.zeros((0, 0, 3), np.uint8), {}
-                faces.append(TrackedFace(tid, f))
+                sm = None if af.smoothed is None else dict(zip(predictor.class_names, map(float, af.smoothed[i])))
+                faces.append(TrackedFace(tid, f, sm))
             frames.append(FrameResult(af.frame_number, af.time_s, faces))
             if out_path is not None:
                 if writer is None:
                     writer = H264Writer(out_path, af.rgb.shape[1], af.rgb.shape[0], sample_fps)
-                items = [(tf.face.box, f"ID{tf.track_id} {tf.face.label} {tf.face.confidence:.0%}",
-                          class_color(tf.face.label)) for tf in faces]
+                items = [(tf.face.box, f"ID{tf.track_id} {lab} {conf:.0%}", class_color(lab))
+                         for tf, (lab, conf) in ((tf, _shown_label(tf)) for tf in faces)]
                 writer.write(draw_boxes(af.rgb, items))
             timings["encode"] += (time.perf_counter() - t) * 1000
             if progress is not None:
@@ -426,5 +466,5 @@ def analyze_video(
         info=info, sample_fps=sample_fps, frames=frames, tracks=tracks, class_names=predictor.class_names,
         backbones=predictor.backbones, detector=det.name,
         annotated_path=str(out_path) if out_path is not None and writer is not None else None,
-        notes=notes, timings_ms=timings,
+        notes=notes, timings_ms=timings, smooth_s=smooth_s,
     )
