@@ -276,10 +276,10 @@ class FacePredictor:
         t = time.perf_counter()
         loaded = load_image(image)
         load_ms = (time.perf_counter() - t) * 1000
-        analysis = self.analyze_array(
-            loaded.pixels, detector=detector, tta=tta, whole_image=whole_image, explain=explain,
-            cam_method=cam_method, cam_target=cam_target, max_explained=max_explained, notes=loaded.notes,
-        )
+        analysis = self.analyze_batch(
+            [loaded.pixels], detector=detector, whole_image=whole_image, notes=[loaded.notes], tta=tta,
+            explain=explain, cam_method=cam_method, cam_target=cam_target, max_explained=max_explained,
+        )[0]
         analysis.timings_ms = {"load": load_ms, **analysis.timings_ms}
         return analysis, loaded.pixels
 
