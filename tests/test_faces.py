@@ -13,10 +13,11 @@ from PIL import Image
 from skimage import data
 
 from fer_models.pipeline.faces import (
-    ASSETS, BLAZEFACE_BOX, DEFAULT_DETECTOR, DETECTORS, BlazeFaceDetector, FaceBox, create_detector, crop_face,
-    detect_faces, eye_angle, get_detector,
+    ASSETS, BLAZEFACE_BOX, DEFAULT_DETECTOR, DETECTORS, BlazeFaceDetector, BlazeFacePlusDetector, FaceBox,
+    MTCNNDetector, create_detector, crop_face, detect_faces, eye_angle, get_detector,
 )
-from media import faces_image
+from conftest import REPO_ROOT
+from media import astronaut_face, faces_image
 
 # The astronaut's face in skimage.data.astronaut() (512 x 512), roughly.
 FACE_REGION = (170, 50, 280, 190)
@@ -61,7 +62,7 @@ def test_detects_astronaut(name, astronaut):
     assert _centre_in(box, FACE_REGION)
     assert 0 <= box.x0 < box.x1 <= 512 and 0 <= box.y0 < box.y1 <= 512
     assert 0 < box.score <= 1
-    if name in ("mtcnn", "blazeface"):
+    if name in ("mtcnn", "blazeface", "blazeface+"):
         assert box.landmarks is not None and len(box.landmarks) == 5
         assert abs(eye_angle(box)) < 10
         (lx, ly), (rx, ry) = box.landmarks[:2]
@@ -73,13 +74,13 @@ def test_blazeface_asset_and_default():
     path = ASSETS / BlazeFaceDetector.model_file
     assert hashlib.sha256(path.read_bytes()).hexdigest() == (
         "3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633")
-    assert {"blazeface", "mtcnn", "haar"} <= set(DETECTORS) and DEFAULT_DETECTOR in DETECTORS
+    assert {"blazeface+", "blazeface", "mtcnn", "haar"} <= set(DETECTORS) and DEFAULT_DETECTOR in DETECTORS
 
 
 def test_blazeface_box_calibrated_to_mtcnn(astronaut):
     """The calibrated box gives nearly MTCNN's crop: same centre (within 6% of the side) and side (within 12%)."""
     b, m = detect_faces(astronaut, "blazeface")[0], detect_faces(astronaut, "mtcnn")[0]
-    raw = detect_faces(astronaut, create_detector("blazeface", box_scale=1, box_shift=0, box_aspect=1))[0]
+    raw = detect_faces(astronaut, create_detector("blazeface", box_scale=1, box_shift=0, box_aspect=1, box_dx=0))[0]
     side = max(m.width, m.height)
     assert abs(max(b.width, b.height) / side - 1) < 0.12
     assert np.hypot(b.center[0] - m.center[0], b.center[1] - m.center[1]) < 0.06 * side
@@ -119,11 +120,11 @@ def test_tight_crop_found_by_padded_retry(astronaut):
         assert 0 <= b.x0 <= b.x1 <= tight.shape[1] and 0 <= b.y0 <= b.y1 <= tight.shape[0]
 
 
-@pytest.mark.parametrize("name", ["mtcnn", "blazeface"])
+@pytest.mark.parametrize("name", ["mtcnn", "blazeface", "blazeface+"])
 def test_rotated_face_found_and_aligned(name, astronaut):
     m = cv2.getRotationMatrix2D((256, 256), 25, 1.0)
     rotated = cv2.warpAffine(astronaut, m, (512, 512), borderMode=cv2.BORDER_REPLICATE)
-    det = create_detector(name, fallback=None) if name == "blazeface" else name  # BlazeFace on its own
+    det = create_detector(name, fallback=None) if name.startswith("blazeface") else name  # BlazeFace on its own
     upright = eye_angle(detect_faces(astronaut, det)[0])  # the astronaut's head is tilted a little already
     boxes = detect_faces(rotated, det)
     assert len(boxes) == 1 and abs(eye_angle(boxes[0]) - upright + 25) < 5  # eyes tilted by the rotation
@@ -155,6 +156,7 @@ def test_detector_is_thread_safe(astronaut):
 
 @pytest.mark.parametrize("name, tilt, rate", [
     ("mtcnn", 0, 0.95), ("blazeface alone", 0, 0.99), ("blazeface alone", 20, 0.99), ("blazeface", 20, 0.99),
+    ("blazeface+", 0, 0.995), ("blazeface+", 20, 0.99),
 ])
 def test_jaffe_detection_rate(data_dir, name, tilt, rate):
     """The 68 JAFFE full-frame photos, upright and tilted by 20 degrees (measured: 100% for each)."""
@@ -172,3 +174,89 @@ def test_jaffe_detection_rate(data_dir, name, tilt, rate):
         boxes = detect_faces(rgb, det)
         found += any(_centre_in(b, (0.2 * w, 0.2 * h, 0.8 * w, 0.85 * h)) for b in boxes)
     assert found / len(files) >= rate, f"{found}/{len(files)}"
+
+
+# --- blazeface+: the default, a second BlazeFace pass for small faces beside large ones -------------------------
+# examples/three_faces.jpg (made by examples/make_examples.py): astronaut faces pasted at x = 30, 240 (tilted
+# 15 degrees) and 430 (mirrored), 150, 120 and 170 px wide, in 640 x 360.
+THREE_FACES_X = ((30, 180), (240, 360), (430, 600))
+
+
+def test_default_is_blazeface_plus():
+    assert DEFAULT_DETECTOR == "blazeface+" and isinstance(get_detector(), BlazeFacePlusDetector)
+
+
+def test_blazeface_plus_finds_all_three_faces_of_the_example():
+    rgb = np.asarray(Image.open(REPO_ROOT / "examples" / "three_faces.jpg").convert("RGB"))
+    assert len(detect_faces(rgb, create_detector("blazeface", fallback=None))) < 3  # why the second pass exists
+    boxes = detect_faces(rgb, create_detector("blazeface+", fallback=None))
+    assert len(boxes) == 3, boxes
+    for b, (x0, x1) in zip(boxes, THREE_FACES_X):  # sorted left to right
+        assert x0 <= b.center[0] <= x1 and 60 <= b.center[1] <= 300
+        assert len(b.landmarks) == 5 and b.landmarks[3] != b.landmarks[4]  # MTCNN's mouth corners (refined)
+
+
+def _canvas(layout, size=(480, 640), seed=0) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Astronaut faces (crop width, x, y, angle) on a smooth random background; returns the centres."""
+    rng = np.random.default_rng(seed)
+    bg = cv2.resize(rng.integers(40, 220, (3, 4, 3)).astype(np.float32), size[::-1], interpolation=cv2.INTER_CUBIC)
+    canvas = np.clip(bg, 0, 255).astype(np.uint8)
+    centres = []
+    for width, x, y, angle in layout:
+        face = astronaut_face(width)
+        if angle:
+            m = cv2.getRotationMatrix2D((face.shape[1] / 2, face.shape[0] / 2), angle, 1.0)
+            face = cv2.warpAffine(face, m, face.shape[1::-1], borderMode=cv2.BORDER_REPLICATE)
+        canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
+        centres.append((x + face.shape[1] / 2, y + face.shape[0] / 2))
+    return canvas, centres
+
+
+@pytest.mark.parametrize("layout, size", [
+    # one large face and small ones beside it (crop widths 260 -> face boxes of about 130 px; 100 -> 50 px)
+    (((260, 20, 60, 0), (110, 330, 40, 0), (100, 470, 250, 10)), (480, 640)),
+    (((300, 320, 80, -8), (120, 30, 30, 0), (105, 175, 300, 0), (130, 20, 300, 12)), (480, 640)),
+    (((180, 40, 100, 0), (150, 300, 60, 0), (150, 500, 250, -10), (200, 720, 150, 0)), (540, 960)),
+    (((240, 100, 330, 0), (110, 20, 60, 0), (110, 300, 120, 8)), (640, 480)),
+])
+def test_blazeface_plus_finds_small_faces_beside_large_ones(layout, size):
+    canvas, centres = _canvas(layout, size)
+    det = create_detector("blazeface+", fallback=None)
+    boxes = detect_faces(canvas, det)
+    assert len(boxes) == len(centres), (boxes, centres)
+    for cx, cy in centres:
+        assert any(abs(b.center[0] - cx) < b.width / 2 and abs(b.center[1] - cy) < b.height / 2 for b in boxes)
+    unrefined = detect_faces(canvas, create_detector("blazeface+", fallback=None, refine=None))
+    assert len(unrefined) == len(boxes)  # refinement moves boxes, never drops one
+
+
+def test_blazeface_plus_runs_the_fast_pass_first_and_no_mtcnn_search(astronaut, monkeypatch):
+    """A photo with a face: the 128 px pass, then the 256 px pass, and never MTCNN's whole-image search."""
+    def no_search(self, rgb):
+        raise AssertionError("the MTCNN search ran")
+
+    monkeypatch.setattr(MTCNNDetector, "_detect", no_search)
+    det = create_detector("blazeface+")
+    sides = []
+    forward = det._forward
+    monkeypatch.setattr(det, "_forward", lambda rgb, side, *a, **k: sides.append(side) or forward(rgb, side, *a, **k))
+    assert len(detect_faces(astronaut, det)) == 1
+    assert sides == [128, 256]
+
+
+def test_blazeface_plus_refinement_modes(astronaut):
+    with pytest.raises(ValueError, match="refine"):
+        create_detector("blazeface+", refine="nope")
+    plain = detect_faces(astronaut, create_detector("blazeface+", refine=None))[0]
+    refined = detect_faces(astronaut, create_detector("blazeface+"))[0]
+    mtcnn = detect_faces(astronaut, "mtcnn")[0]
+    assert plain.landmarks[3] == plain.landmarks[4]  # BlazeFace's mouth centre twice
+    assert refined.iou(mtcnn) > 0.85 and refined.landmarks[3] != refined.landmarks[4]
+
+
+def test_blazeface_plus_anchor_grid_matches_the_128_px_one():
+    from fer_models.pipeline.faces import _blazeface_anchors
+
+    a = _blazeface_anchors(128)
+    assert a.shape == (896, 2) and a[0].tolist() == [4.0, 4.0] and a[-1].tolist() == [120.0, 120.0]
+    assert _blazeface_anchors(192, 256).shape == ((24 * 32) * 2 + (12 * 16) * 6, 2)

