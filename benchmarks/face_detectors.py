@@ -1,5 +1,7 @@
 """Compare the face detectors on the JAFFE full-frame photos: detection rate and time per image.
 
+(Group photos, several faces at different scales: ``benchmarks/group_photos.py``.)
+
     FER_DATA_DIR=../shared/data python benchmarks/face_detectors.py [--threads 1] [--calibrate]
 
 Each of the 68 photos (256x256, one face) is tried as is, rotated by 20 degrees, and pasted at 2.5x into a
@@ -46,7 +48,7 @@ def variants(rgb: np.ndarray) -> dict[str, tuple[np.ndarray, tuple[float, float,
 
 
 def calibrate(photos: list[np.ndarray]) -> None:
-    raw = create_detector("blazeface", box_scale=1.0, box_shift=0.0, box_aspect=1.0, fallback=None)
+    raw = create_detector("blazeface", box_scale=1.0, box_shift=0.0, box_aspect=1.0, box_dx=0.0, fallback=None)
     mtcnn = create_detector("mtcnn")
     rows = []
     for rgb in photos:
@@ -63,8 +65,8 @@ def calibrate(photos: list[np.ndarray]) -> None:
     print("|---|---|---|---|")
     for name, col in zip(names, r.T):
         print(f"| {name} | {col.mean():.3f} | {col.std():.3f} | {np.median(col):.3f} |")
-    print("faces.BLAZEFACE_BOX = (height ratio, dy, height / width) = "
-          f"({r[:, 0].mean():.3f}, {r[:, 2].mean():.3f}, {r[:, 3].mean():.3f})")
+    print("faces.BLAZEFACE_BOX = (height ratio, dy, height / width, dx) = "
+          f"({r[:, 0].mean():.3f}, {r[:, 2].mean():.3f}, {r[:, 3].mean():.3f}, {r[:, 1].mean():.3f})")
 
 
 def main() -> None:
@@ -84,7 +86,9 @@ def main() -> None:
     if args.calibrate:
         return calibrate(photos)
     configs = {
-        "blazeface (default: + pad retry + mtcnn fallback)": dict(detector=create_detector("blazeface")),
+        "blazeface+ (two passes + O-net refinement)": dict(detector=create_detector("blazeface+")),
+        "blazeface+ without refinement": dict(detector=create_detector("blazeface+", refine=None)),
+        "blazeface (+ pad retry + mtcnn fallback)": dict(detector=create_detector("blazeface")),
         "blazeface alone (no pad retry, no fallback)": dict(detector=create_detector("blazeface", fallback=None),
                                                             pad_retry=0.0),
         "mtcnn": dict(detector=create_detector("mtcnn")),

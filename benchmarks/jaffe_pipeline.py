@@ -2,6 +2,7 @@
 
     FER_DATA_DIR=../shared/data python benchmarks/jaffe_pipeline.py [--checkpoint-dir checkpoints]
         [--margins 0.1 0.2 0.25 0.3] [--detector mtcnn] [--no-align] [--tta] [--baseline-dir OLD_CHECKPOINT]
+    FER_DATA_DIR=../shared/data python benchmarks/jaffe_pipeline.py --detectors mtcnn haar blazeface blazeface+
 
 Reports, for each crop margin, the accuracy of the fused label and of each backbone's vote on the 68 labelled
 full-frame photos (JAFFE posed expressions: a different population and camera from FER2013, so expect much
@@ -9,6 +10,11 @@ lower numbers than on FER2013; the point is to compare crop settings, and to cat
 colour or orientation mistakes, which drop it to chance). It never trains or tunes anything on JAFFE.
 ``--baseline-dir`` scores a second checkpoint on the same crops and adds a paired comparison of the two fused
 labels (photos only one of them got right, exact McNemar p): with 68 photos, differences need that test.
+
+``--detectors A B ...`` instead compares face detectors: every photo goes through the app's own path
+(``FacePredictor.analyze_batch``: detection, eye-levelled crop at the detector's own margin, one forward; the
+largest face is the photo's prediction, a photo without a face is an error, as in the protocol's full-frame
+row), and each detector's fused labels are paired with the first detector's (exact McNemar p).
 """
 from __future__ import annotations
 
@@ -18,12 +24,39 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fer_models.pipeline.faces import crop_face, detect_faces, get_detector  # noqa: E402
+from group_photos import detector_from_spec  # noqa: E402  (benchmarks/, this script's folder, is on sys.path)
 from fer_models.pipeline import FacePredictor, load_model_with_fallback  # noqa: E402
 from fer_models.training.metrics import mcnemar_exact  # noqa: E402
+
+
+def compare_detectors(model, source, files: list[Path], names: list[str], tta: bool) -> None:
+    pred = FacePredictor(model, source=source)
+    print(source.describe())
+    photos = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    y = np.array([pred.class_names.index(f.parent.name) if f.parent.name in pred.class_names else -1 for f in files])
+    print(f"{len(photos)} JAFFE full frames; crop {pred.crop_px} px, tta={tta}")
+    print(f"| detector | margin | faces found | fusion accuracy | only this right / only {names[0]} right | "
+          "McNemar p |")
+    print("|---|---|---|---|---|---|")
+    ref = None
+    for name in names:
+        det = detector_from_spec(name)
+        right = np.zeros(len(photos), bool)
+        found = 0
+        for i, analysis in enumerate(pred.analyze_batch(photos, detector=det, tta=tta)):
+            if analysis.faces:
+                found += 1
+                face = max(analysis.faces, key=lambda f: f.box.area)
+                right[i] = pred.class_names.index(face.label) == y[i]
+        ref = right if ref is None else ref
+        test = mcnemar_exact(right, ref)
+        print(f"| {name} | {det.crop_margin:g} | {found}/{len(photos)} | {right.mean():.1%} ({right.sum()}) | "
+              f"{test['only_a']} / {test['only_b']} | {test['p_value']:.3f} |", flush=True)
 
 
 def main() -> None:
@@ -36,11 +69,18 @@ def main() -> None:
     ap.add_argument("--no-align", action="store_true")
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--baseline-dir", default=None, help="a second checkpoint to compare with, photo by photo")
+    ap.add_argument("--detectors", nargs="+", default=None,
+                    help="compare these detectors (the first is the reference) through the app's own path; "
+                         "blazeface+:onet / blazeface+:none choose its refinement")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     files = sorted((Path(args.data) / "jaffe" / "fullframe").glob("*/*.jpg"))
     if not files:
         sys.exit(f"no JAFFE full frames under {args.data}/jaffe/fullframe")
     model, source = load_model_with_fallback(args.model_repo, args.checkpoint_dir)
+    if args.detectors:
+        return compare_detectors(model, source, files, args.detectors, args.tta)
     pred = FacePredictor(model, detector=args.detector, source=source)
     det = get_detector(args.detector)
     print(source.describe())
