@@ -199,3 +199,89 @@ def test_video_tab_in_chromium(app_url, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "app_video_analysis.png"), full_page=True)
         finally:
             browser.close()
+
+
+def moving_camera_file(path: Path, frames: int = 60) -> str:
+    """A Y4M clip (30 frames/s) of the astronaut's face moving 3 px a frame, so that every annotated frame differs
+    (identical ones are cached under one URL)."""
+    import cv2
+    import numpy as np
+
+    face = np.asarray(Image.fromarray(data.astronaut()[20:260, 120:340]).resize((220, 240)))
+    with open(path, "wb") as f:
+        f.write(b"YUV4MPEG2 W640 H480 F30:1 Ip A1:1 C420jpeg\n")
+        for i in range(frames):
+            rgb = np.full((480, 640, 3), 100, np.uint8)
+            x = 120 + 3 * (i if i < frames // 2 else frames - i)
+            rgb[120:360, x:x + 220] = face
+            f.write(b"FRAME\n" + cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420).tobytes())
+    return str(path)
+
+
+def _start_live(page, app_url: str) -> None:
+    """Open the Live webcam tab and start streaming the fake camera."""
+    page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
+    page.get_by_role("tab", name="Live webcam").click()
+    live = page.locator("#live-input")
+    access = live.get_by_text("Click to Access Webcam")
+    try:
+        access.wait_for(timeout=5_000)
+        access.click()
+    except sync_api.TimeoutError:
+        pass  # access was granted without the button
+    page.wait_for_function("() => { const v = document.querySelector('#live-input video');"
+                           " return v && v.videoWidth > 0 && v.readyState >= 2; }", timeout=30_000)
+    live.get_by_label("capture photo").click()  # in a streaming input this button starts and stops the stream
+
+
+def _live_frames(page, seconds: float) -> set[str]:
+    """The distinct annotated frames shown in ``seconds``."""
+    seen: set[str] = set()
+    end = page.evaluate("Date.now()") + seconds * 1000
+    while page.evaluate("Date.now()") < end:
+        src = page.evaluate("() => document.querySelector('#live-output img')?.src || ''")
+        if src:
+            seen.add(src)
+        page.wait_for_timeout(50)
+    return seen
+
+
+def test_live_webcam_stream_in_chromium(app_url, tmp_path):
+    """Two viewers stream Chromium's fake camera (the astronaut's face) in the Live tab: annotated frames keep
+    coming back with the live model named; the first viewer closes the tab mid-stream and the second's stream
+    goes on; the second stops its camera and starts it again, and its tracks start afresh."""
+    camera = moving_camera_file(tmp_path / "camera.y4m")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=CHROMIUM_ARGS + [f"--use-file-for-fake-video-capture={camera}"])
+        try:
+            pages, errors = [], []
+            for _ in range(2):
+                context = browser.new_context(viewport={"width": 1400, "height": 1600})
+                context.grant_permissions(["camera"], origin=app_url.rstrip("/"))
+                page = context.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                _start_live(page, app_url)
+                pages.append(page)
+            first, second = pages
+            for page in pages:
+                page.locator("#live-output img").first.wait_for(timeout=90_000)
+                page.locator("#live-status").get_by_text("Live model:").wait_for(timeout=30_000)
+            frames = _live_frames(first, 5)
+            assert len(frames) >= 2, f"{len(frames)} annotated frames in 5 s"
+            status = first.locator("#live-status").inner_text()
+            assert re.search(r"\b[1-9]\d* faces?,", status), status
+            assert "Face ID" in first.locator("#live-faces").inner_text()
+            first.screenshot(path=str(ARTIFACTS / "app_live_stream.png"), full_page=True)
+            first.context.close()  # a viewer leaves mid-stream
+            assert len(_live_frames(second, 4)) >= 1  # the other stream goes on
+            capture = second.locator("#live-input").get_by_label("capture photo")
+            capture.click()  # stop the camera ...
+            second.wait_for_timeout(3_000)
+            capture.click()  # ... and start it again after more than RESET_AFTER_S
+            second.locator("#live-status").get_by_text("tracked afresh").wait_for(timeout=30_000)
+            assert len(_live_frames(second, 4)) >= 1
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -18,6 +18,9 @@ from fer_models.pipeline.smoothing import (
 from tests.media import astronaut_face, make_video
 
 
+DET = "mtcnn"  # face counts below are this detector's on these frames
+
+
 def frame_with_face(w: int = 320, h: int = 240, face: int = 140, x=90) -> np.ndarray:
     """A grey frame with the astronaut's face at each of ``x`` (one position or several)."""
     f = astronaut_face(face)
@@ -85,14 +88,14 @@ def test_track_smoother_keeps_tracks_apart_and_forgets_old_ones():
 # --- a live session -------------------------------------------------------------------------------------------------
 def test_session_tracks_annotates_and_smooths(models):
     s = LiveSession(0.5)
-    f1 = s.process(frame_with_face(), models, model="fusion", now=0.0)
+    f1 = s.process(frame_with_face(), models, model="fusion", detector=DET, now=0.0)
     assert f1.annotated is not None and f1.annotated.shape == (240, 320, 3)
     assert f1.model == "fusion" and f1.model_reason == "chosen" and len(f1.faces) == 1
     face = f1.faces[0]
     assert face.track_id == 1 and face.smoothed == pytest.approx(face.probs)  # the first frame is its own average
     assert not np.array_equal(f1.annotated, frame_with_face())  # the box is drawn
     # The face moves a little and looks different (mirrored): same track, average between the two frames.
-    f2 = s.process(frame_with_face(x=100)[:, ::-1], models, model="fusion", now=0.1)
+    f2 = s.process(frame_with_face(x=100)[:, ::-1], models, model="fusion", detector=DET, now=0.1)
     assert [f.track_id for f in f2.faces] == [1]
     sm, raw, before = f2.faces[0].smoothed, f2.faces[0].probs, face.smoothed
     w = 1 - math.exp(-0.1 / 0.5)
@@ -107,8 +110,8 @@ def test_session_tracks_annotates_and_smooths(models):
 
 def test_session_without_smoothing_shows_each_frames_own_label(models):
     s = LiveSession(0.0)
-    s.process(frame_with_face(), models, model="fusion", time_constant_s=0, now=0.0)
-    f = s.process(frame_with_face()[:, ::-1], models, model="fusion", time_constant_s=0, now=0.1).faces[0]
+    s.process(frame_with_face(), models, model="fusion", detector=DET, time_constant_s=0, now=0.0)
+    f = s.process(frame_with_face()[:, ::-1], models, model="fusion", detector=DET, time_constant_s=0, now=0.1).faces[0]
     assert f.smoothed == pytest.approx(f.probs) and f.label == f.raw_label
 
 
@@ -122,7 +125,7 @@ def test_session_without_smoothing_shows_each_frames_own_label(models):
     (b"not an image", "could not be used"),
 ])
 def test_bad_frames_give_a_message_not_an_error(models, frame, says):
-    out = LiveSession().process(frame, models, model="fusion", now=0.0)
+    out = LiveSession().process(frame, models, model="fusion", detector=DET, now=0.0)
     assert not out.faces and not out.dropped
     assert any(says in n for n in out.notes), out.notes
 
@@ -135,24 +138,29 @@ def test_bad_frames_give_a_message_not_an_error(models, frame, says):
     np.zeros((3000, 4000, 3), np.uint8),  # larger than a camera sends: analysed at LIVE_MAX_SIDE
 ])
 def test_odd_frames_are_analysed(models, frame):
-    out = LiveSession().process(frame, models, model="fusion", now=0.0)
+    out = LiveSession().process(frame, models, model="fusion", detector=DET, now=0.0)
     assert out.annotated is not None and out.annotated.dtype == np.uint8 and max(out.annotated.shape) <= 960
 
 
 def test_a_pause_restarts_the_tracks_and_sessions_are_independent(models):
     a, b = LiveSession(), LiveSession()
+
+    def ids(session, frame, t):
+        out = session.process(frame, models, model="fusion", detector=DET, now=t)
+        return [f.track_id for f in out.faces], out.notes
+
     for t in (0.0, 0.1, 0.2):
-        two = a.process(frame_with_face(480, x=[20, 320]), models, model="fusion", now=t)
-    assert [f.track_id for f in two.faces] == [1, 2]
-    assert [f.track_id for f in b.process(frame_with_face(480, x=320), models, model="fusion", now=0.0).faces] == [1]
+        two, _ = ids(a, frame_with_face(480, x=[20, 320]), t)
+    assert two == [1, 2]
     right = frame_with_face(480, x=320)
-    assert [f.track_id for f in a.process(right, models, model="fusion", now=0.3).faces] == [2]
-    out = a.process(right, models, model="fusion", now=30.0)  # the camera stopped and came back
-    assert any("tracked afresh" in n for n in out.notes)
-    assert out.frames == 1 and [f.track_id for f in out.faces] == [1]
-    assert any("afresh" in n for n in a.process(right, models, model="fusion", now=31.0).notes)  # readable a while
-    a.process(right, models, model="fusion", now=32.0)
-    assert not any("afresh" in n for n in a.process(right, models, model="fusion", now=33.1).notes)
+    assert ids(b, right, 0.0)[0] == [1]  # another viewer: its own ids
+    assert ids(a, right, 0.3)[0] == [2]
+    after, notes = ids(a, right, 30.0)  # the camera stopped and came back
+    assert after == [1] and any("tracked afresh" in n for n in notes)
+    assert a.frames == 1
+    assert any("afresh" in n for n in ids(a, right, 31.0)[1])  # the notice stays a while, to be read
+    ids(a, right, 32.0)
+    assert not any("afresh" in n for n in ids(a, right, 33.1)[1])
 
 
 def test_a_frame_arriving_while_busy_is_dropped_at_once(models):
@@ -163,18 +171,18 @@ def test_a_frame_arriving_while_busy_is_dropped_at_once(models):
     worker.start()
     try:
         assert started.wait(10)
-        out = s.process(frame_with_face(), slow, model="fusion")
+        out = s.process(frame_with_face(), slow, model="fusion", detector=DET)
         assert out.dropped and out.annotated is None and "dropped" in out.notes[0]
     finally:
         release.set()
         worker.join(10)
     assert s.dropped == 1
-    assert not s.process(frame_with_face(), models, model="fusion").dropped  # free again
+    assert not s.process(frame_with_face(), models, model="fusion", detector=DET).dropped  # free again
 
 
 # --- the model choice -----------------------------------------------------------------------------------------------
 def test_student_is_loaded_from_its_folder_and_chosen(models):
-    out = LiveSession().process(frame_with_face(), models, model="student", now=0.0)
+    out = LiveSession().process(frame_with_face(), models, model="student", detector=DET, now=0.0)
     assert out.model == "student" and out.model_reason == "chosen"
     assert "resnet_tiny" in out.model_source or "student" in out.model_source
     assert models.student() is models.student()  # loaded once
@@ -240,3 +248,40 @@ def test_batch_analysis_smooth_option_adds_columns_and_resumes(fusion, tmp_path)
     with pytest.raises(InputError, match="--smooth"):
         analyze([clip], out=out, predictor=fusion, progress=False)  # the file has the smoothed columns
 
+
+# --- the app's live endpoints -------------------------------------------------------------------------------------
+def test_app_live_endpoints_keep_each_clients_session(student_dir, tmp_path, monkeypatch):
+    """The named API endpoint (the browser streams through the same handler, tests/test_browser.py): tracks and
+    smoothing carry over between one client's calls, not to another client; bad frames give a message; Grad-CAM
+    of the newest frame on demand."""
+    explain = pytest.importorskip("explain")
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from tests.served import serve
+
+    monkeypatch.setenv("FER_STUDENT_DIR", str(student_dir))
+    model = fm.create_model("fusion_tiny").eval()
+    pred = FacePredictor(model, explainer=explain.Explainer(model))
+    photo, tiny, broken = tmp_path / "frame.png", tmp_path / "tiny.png", tmp_path / "broken.png"
+    Image.fromarray(frame_with_face()).save(photo)
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tiny)
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with serve(pred) as url:
+        a, b = Client(url, verbose=False), Client(url, verbose=False)
+        with pytest.raises(Exception, match="Start the webcam"):
+            a.predict("mtcnn", "gradcam", "predicted class", api_name="/explain_live_frame")
+        image, info = a.predict(handle_file(str(photo)), "student", 0.5, "mtcnn", api_name="/analyze_live_frame")
+        assert image and info["model"] == "student" and [f["track_id"] for f in info["faces"]] == [1]
+        _, info = a.predict(handle_file(str(photo)), "fusion", 0.5, "mtcnn", api_name="/analyze_live_frame")
+        assert info["model"] == "fusion" and info["frames"] == 2 and info["faces"][0]["track_id"] == 1
+        _, other = b.predict(handle_file(str(photo)), "auto", 0, "mtcnn", api_name="/analyze_live_frame")
+        assert other["frames"] == 1 and other["smoothing_s"] == 0 and "auto" in other["model_reason"]
+        frame, status, *_ = a.predict("mtcnn", "gradcam", "predicted class", api_name="/explain_live_frame")
+        assert frame and "1 face" in status, status
+        for bad, says in ((tiny, "too small"), (broken, "could not be read")):
+            _, info = a.predict(handle_file(str(bad)), "auto", 0.5, "mtcnn", api_name="/analyze_live_frame")
+            assert not info["faces"] and any(says in n for n in info["notes"]), info["notes"]
+        # The stream event is registered for the browser, with its frame interval and its own queue slots.
+        cfg = next(d for d in a.config["dependencies"] if d.get("api_name") == "live_stream")
+        assert cfg["connection"] == "stream" and cfg["stream_every"] == pytest.approx(0.1)

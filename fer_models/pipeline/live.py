@@ -310,7 +310,7 @@ class LiveSession:
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if ok:
             self._frame_jpeg = jpeg.tobytes()
-        self.last_t = now
+        self.last_t = now + (time.perf_counter() - t0)  # a pause is counted from the end of this frame's work
         self.frames += 1
         self._times.append(now)
         return LiveFrame(annotated, faces, names, live.name, live.reason, pred.source.describe(),
