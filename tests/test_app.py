@@ -267,7 +267,7 @@ def test_timeline_panels_margins_and_smoothing():
     ts, ps = va.timeline(1)
     fig = app.timeline_figure(_fake_video(2), smoothed={1: (ts, ps * 0.5)})
     assert [len(ax.get_lines()) for ax in fig.axes] == [2 * len(va.class_names), len(va.class_names)]
-    assert "smoothed" in fig.axes[0].get_title("left") and "smoothed" not in fig.axes[1].get_title("left")
+    assert "smoothed" in fig.axes[0].get_title() and "smoothed" not in fig.axes[1].get_title()
 
 
 def test_model_facts_in_plain_words():

@@ -91,9 +91,10 @@ def test_three_faces_three_cards_in_chromium(app_url):
             assert page.evaluate("() => [...document.querySelectorAll('#face-cards img')].every(i =>"
                                  " i.complete && i.naturalWidth > 0 && Math.abs(i.clientWidth - i.clientHeight) <= 1)")
             # The model's facts are in the collapsed "About the model" section.
-            page.get_by_text("About the model").first.click()
-            page.get_by_text("How often it is right").wait_for(timeout=30_000)
-            page.get_by_text("About the model").first.click()
+            about = page.locator("#about-model").get_by_text("About the model", exact=True)
+            about.click()
+            page.locator("#about-model").get_by_text("How often it is right").wait_for(timeout=30_000)
+            about.click()
             page.locator("#annotated").scroll_into_view_if_needed()
             top = page.locator("#annotated").bounding_box()["y"] + page.evaluate("window.scrollY")
             first = cards.nth(0).bounding_box()
