@@ -40,6 +40,7 @@ from fer_models.pipeline import (
     ModelLoadError, annotate, class_color, get_predictor,
 )
 from fer_models.pipeline.video import DEFAULT_SAMPLE_FPS, MAX_SECONDS, VideoAnalysis, analyze_video, read_frame_at
+from fer_models.pipeline.live import LiveFrame, LiveModels, LiveSession, default_student_dir
 from fer_models.pipeline.smoothing import DEFAULT_TIME_CONSTANT_S
 
 try:  # Hugging Face ZeroGPU: request a GPU per call only where the `spaces` package exists
@@ -595,6 +596,155 @@ def video_tab(h: Handlers, class_choices: list[str]) -> None:
                     api_name="explain_video_frame", concurrency_id="model")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Live webcam tab (fer_models.pipeline.live): streamed frames, tracked faces, probabilities smoothed over time
+# ----------------------------------------------------------------------------------------------------------------
+LIVE_STREAM_EVERY_S = 0.1  # the browser sends a frame every 0.1 s; Gradio keeps only the newest while one is analysed
+LIVE_TIME_LIMIT_S = 300  # a stream then rejoins the queue (the browser restarts it), so waiting viewers get a turn
+LIVE_STREAMS = 4  # streams served at once: each holds its slot for its whole run, between frames too
+LIVE_MODEL_CHOICES = [("Auto: the student when the fusion is too slow", "auto"),
+                      ("Student: one small network distilled from the fusion", "student"),
+                      ("Fusion: the three networks", "fusion")]
+
+
+def live_status_markdown(lf: LiveFrame) -> str:
+    """Which model is live and why, the speed, the faces; then the frame's notes."""
+    n = len(lf.faces)
+    smoothing = f"smoothing {lf.time_constant_s:g} s" if lf.time_constant_s else "no smoothing"
+    lines = [f"**Live model: {lf.model}** ({html.escape(lf.model_reason)}). {n} face{'s' if n != 1 else ''}, "
+             f"{lf.latency_ms:.0f} ms for this frame, {lf.fps:.1f} frames/s, {smoothing}."]
+    lines += [f"- {html.escape(note)}" for note in lf.notes]
+    lines.append(f"\n<small>{html.escape(lf.model_source)}</small>")
+    return "\n".join(lines)
+
+
+def live_faces_html(lf: LiveFrame) -> str:
+    """Per tracked face: its smoothed probabilities as bars, this frame's own beside them."""
+    if not lf.faces:
+        return "<p>No face in this frame.</p>"
+    parts = []
+    for f in lf.faces:
+        rows = []
+        for c in lf.class_names:
+            s, p = f.smoothed[c], f.probs[c]
+            r, g, b = class_color(c)
+            bar = (f"<span style='display:inline-block;width:120px;background:rgba(128,128,128,0.15)'>"
+                   f"<span style='display:inline-block;height:0.8em;width:{s * 100:.1f}%;"
+                   f"background:rgb({r},{g},{b})'></span></span>")
+            name = f"<b>{html.escape(c)}</b>" if c == f.label else html.escape(c)
+            rows.append(f"<tr><td>{name}</td><td>{bar}</td><td>{s:.0%}</td><td style='opacity:0.6'>{p:.0%}</td></tr>")
+        parts.append(
+            f"<div style='display:inline-block;vertical-align:top;margin:0 18px 10px 0'>"
+            f"<b>Face ID{f.track_id}: {html.escape(f.label)} {f.confidence:.0%}</b>"
+            f"<table style='font-size:0.85em;border-collapse:collapse'>"
+            f"<tr><th></th><th>smoothed</th><th></th><th style='opacity:0.6'>this frame</th></tr>"
+            f"{''.join(rows)}</table></div>")
+    return "".join(parts)
+
+
+def _tolerant_frame(component: gr.Image) -> gr.Image:
+    """A frame Gradio cannot decode reaches the handler as an InputError (said in the status, the stream goes
+    on) instead of failing in preprocessing, which would end the stream."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except Exception as e:  # noqa: BLE001
+            return InputError(f"{type(e).__name__}: {e}")
+
+    component.preprocess = preprocess
+    return component
+
+
+def make_live_handlers(holder: PredictorHolder, models: LiveModels) -> tuple[Callable, Callable, Callable]:
+    """``(stream, analyze_live_frame, explain_live_frame)``. The session (tracker, smoothing, newest frame) is
+    the viewer's own gr.State; only the loaded models are shared."""
+    def run(frame, model, smooth_s, detector, session):
+        session = session if isinstance(session, LiveSession) else LiveSession()
+        try:
+            lf = session.process(frame, models, model=model or "auto", time_constant_s=smooth_s,
+                                 detector=detector or None)
+        except (InputError, ModelLoadError) as e:
+            lf = LiveFrame(None, notes=[str(e)])
+        except Exception as e:  # noqa: BLE001 - an exception here would end the viewer's stream
+            log.exception("live frame failed")
+            lf = LiveFrame(None, notes=[f"Sorry, this frame could not be analysed ({type(e).__name__}: {e})."])
+        return lf, session
+
+    def stream(frame, model, smooth_s, detector, session):
+        """One streamed frame -> annotated frame, status, per-face panel. Never raises (that ends the stream)."""
+        lf, session = run(frame, model, smooth_s, detector, session)
+        if lf.dropped:
+            return gr.skip(), gr.skip(), gr.skip(), session
+        if lf.annotated is None:  # no usable frame: keep the last picture, say why
+            return gr.skip(), "\n".join(f"**{html.escape(n)}**" for n in lf.notes), gr.skip(), session
+        return _display(lf.annotated), live_status_markdown(lf), live_faces_html(lf), session
+
+    def analyze_live_frame(frame, model, smooth_s, detector, session):
+        """One webcam frame through live mode: the annotated frame and the tracked faces' smoothed probabilities
+        (JSON). Calls from one client session share its tracks and smoothing; a frame sent while the session's
+        previous one is still being analysed is dropped (``"dropped": true``)."""
+        lf, session = run(frame, model, smooth_s, detector, session)
+        image = gr.skip() if lf.annotated is None else _display(lf.annotated)
+        return image, lf.to_dict(), session
+
+    @GPU
+    @user_errors
+    def explain_live_frame(session, detector, cam_method, cam_target):
+        """Grad-CAM and attention maps of the newest live frame, with the fusion (as the photo tab does)."""
+        rgb = session.last_frame() if isinstance(session, LiveSession) else None
+        if rgb is None:
+            raise InputError("Start the webcam first: this button explains the newest frame of the live stream.")
+        analysis = holder.get().analyze_array(
+            rgb, detector=detector or None, explain=True, cam_method=cam_method or DEFAULT_METHOD,
+            cam_target=_target(cam_target), notes=["The newest live frame, explained with the fusion."])
+        return render_image(analysis, rgb)
+
+    return stream, analyze_live_frame, explain_live_frame
+
+
+def live_tab(holder: PredictorHolder, class_choices: list[str]) -> None:
+    """The Live webcam tab: streamed frames annotated with each tracked face's smoothed label, a panel of the
+    smoothed probabilities, the live model and its speed, and Grad-CAM of the current frame on demand."""
+    models = LiveModels(holder.get, student_dir=default_student_dir(holder.checkpoint_dir), device=holder.device)
+    stream, analyze_live_frame, explain_live_frame = make_live_handlers(holder, models)
+    with gr.Tab("Live webcam"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                live_in = _tolerant_frame(gr.Image(
+                    label="Webcam (start it, and the analysis follows)", sources=["webcam"], streaming=True,
+                    type="numpy", elem_id="live-input"))
+                model_in = gr.Radio(LIVE_MODEL_CHOICES, value="auto", label="Live model", elem_id="live-model")
+                smooth_in = gr.Slider(0, 3, value=DEFAULT_TIME_CONSTANT_S, step=0.1,
+                                      label="Smoothing time constant (seconds; 0: off)")
+                with gr.Accordion("Options", open=False):
+                    detector_in = gr.Radio(list(DETECTORS), value=DEFAULT_DETECTOR, label="Face detector")
+            with gr.Column(scale=1):
+                live_out = gr.Image(label="Live: each face's id, smoothed label and confidence", type="numpy",
+                                    format="jpeg", interactive=False, elem_id="live-output")
+                status_out = gr.Markdown("Start the webcam to begin.", elem_id="live-status")
+        faces_out = gr.HTML("", elem_id="live-faces")
+        json_out = gr.JSON(visible=False)
+        session = gr.State(None, delete_callback=lambda s: s.release() if isinstance(s, LiveSession) else None)
+        gr.Markdown("### Heatmaps for the current frame (the fusion, as in the photo tab)")
+        with gr.Row():
+            method_in, target_in = _explain_options(class_choices)
+            explain_btn = gr.Button("Explain the current frame", elem_id="live-explain")
+        with gr.Row():
+            frame_out = gr.Image(label="Frame", type="numpy", format="jpeg")
+            frame_status_out = gr.Markdown()
+        frame_outputs = [frame_out, frame_status_out] + _result_panels()
+    inputs = [live_in, model_in, smooth_in, detector_in, session]
+    live_in.stream(stream, inputs, [live_out, status_out, faces_out, session], stream_every=LIVE_STREAM_EVERY_S,
+                   time_limit=LIVE_TIME_LIMIT_S, concurrency_limit=LIVE_STREAMS, concurrency_id="live",
+                   show_progress="hidden", api_name="live_stream", api_visibility="undocumented")
+    gr.on([], analyze_live_frame, inputs, [live_out, json_out, session], api_name="analyze_live_frame",
+          concurrency_id="model", show_progress="hidden")
+    explain_btn.click(explain_live_frame, [session, detector_in, method_in, target_in], frame_outputs,
+                      api_name="explain_live_frame", concurrency_id="model")
+
+
 def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) -> gr.Blocks:
     """The Gradio app. ``predictor``: a ready FacePredictor (tests), a holder, or None (load on first use).
     Each tab is one function over the shared handlers; a new tab is one more ``with gr.Tab(...)`` line here."""
@@ -610,6 +760,7 @@ def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) ->
             image_tab(handlers, class_choices)
         with gr.Tab("Video clip"):
             video_tab(handlers, class_choices)
+        live_tab(holder, class_choices)
         demo.load(handlers.model_info, None, model_md, api_name="model_info")
     return demo
 
