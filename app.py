@@ -70,7 +70,7 @@ ABOUT = """
 **What it is.** Three convolutional neural networks (VGG19, ResNet18, and a VGG19 with CBAM attention), each
 trained from scratch on FER2013: 28,709 small (48 x 48 pixel) grey face photos, each labelled with one of seven
 expressions. A small learned layer (the *fusion*) combines the three networks' outputs into the final answer.
-Faces are found by a face detector (MTCNN; BlazeFace and OpenCV's Haar cascade under *Options*), turned so the
+Faces are found by a face detector (BlazeFace; MTCNN and OpenCV's Haar cascade under *Options*), turned so the
 eyes are level, and shrunk to 48 x 48 grey pixels, as in FER2013.
 
 **How sure it is.** The confidence shown is calibrated on FER2013 PublicTest (temperature scaling): on faces like
