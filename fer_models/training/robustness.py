@@ -49,7 +49,6 @@ log = logging.getLogger("fer_models.robustness")
 # Band rows as fractions of the frame height (rows 12-23 and 32-43 of 48); see the module docstring.
 EYES_BAND = (12 / 48, 24 / 48)
 MOUTH_BAND = (32 / 48, 44 / 48)
-ROLES = ("model", "baseline")
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -322,7 +321,8 @@ def plot_robustness(result: dict, path: Union[str, Path], title: str = "") -> No
     nrows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), dpi=100, squeeze=False, sharey=True)
     styles = {"model": dict(color="tab:blue", marker="o"), "baseline": dict(color="tab:orange", marker="s", ls="--")}
-    lo = min(min(r[role]["accuracy"] for r in result["rows"]) for role in result["names"])
+    accs = [r[role]["accuracy"] * 100 for r in result["rows"] for role in result["names"]]
+    ylim = (max(0.0, min(accs) - 5), min(100.0, max(accs) + 3))  # one scale for all panels, every point inside
     for ax, name in zip(axes.flat, panels):
         p = by_name[name]
         rows = {repr(r["strength"]): r for r in result["rows"] if r["perturbation"] == name}
@@ -332,14 +332,18 @@ def plot_robustness(result: dict, path: Union[str, Path], title: str = "") -> No
             ax.plot(range(len(levels)), [y * 100 for y in ys], label=label, **styles[role])
         ax.set_xticks(range(len(levels)), [_tick(p.label(s)) for s in levels], fontsize=7)
         ax.set_title(name.replace("_", " "), fontsize=9)
-        ax.set_ylim(max(0, lo * 100 - 5), None)
+        ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy %")
-    for ax in list(axes.flat)[len(panels):]:
+    spare = list(axes.flat)[len(panels):]
+    for ax in spare:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower right", fontsize=8, frameon=False)
+    if spare:  # the legend in the first empty panel, else below the grid
+        spare[0].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="lower right", fontsize=8, frameon=False)
     fig.suptitle(title or f"Accuracy under perturbation (n = {result['n']}, {result['tta']} crop)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
