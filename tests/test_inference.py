@@ -231,7 +231,8 @@ def test_explained_and_unexplained_faces_get_identical_predictions(model, tta):
     img = faces_image(4)
     explained = predictor.analyze_array(img, explain=True, tta=tta)
     plain = predictor.analyze_array(img, tta=tta)
-    assert len(plain.faces) == 4 and sum(f.heatmaps is not None for f in explained.faces) == 2
+    assert len(plain.faces) == len(explained.faces) >= 3  # some explained, some not
+    assert sum(f.heatmaps is not None for f in explained.faces) == 2
     for e, p in zip(explained.faces, plain.faces):
         assert e.probs == p.probs and [v.probs for v in e.votes] == [v.probs for v in p.votes]
         assert e.attention.keys() == p.attention.keys()
