@@ -105,3 +105,56 @@ def test_image_cache_writes_are_atomic(tmp_path, predictor):
         second = Path(processing_utils.save_pil_to_cache(img, str(tmp_path)))
         assert second == first and first.stat().st_ino == inode and reader.read() == first.read_bytes()
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no staging files left behind
+
+
+def test_soak_report_measures_growth_over_the_last_window():
+    """The 30-minute soak's target is growth within its last 20 minutes: the largest RSS there minus its value at
+    the window's start; and the slope per request served."""
+    soak = _soak_module()
+    series = [(0, 1500.0, 0), (300, 1600.0, 100), (600, 1620.0, 200), (900, 1610.0, 300), (1200, 1640.0, 400),
+              (1500, 1635.0, 500), (1800, 1630.0, 600)]
+    w = soak.window_growth(series, 1200)
+    assert (w["from_t"], w["start"], w["max"], w["end"], w["growth"]) == (600, 1620.0, 1640.0, 1630.0, 20.0)
+    assert soak.window_growth(series[:1], 1200) is None
+    assert soak.mib_per_request([(0, 100.0, 0), (1, 101.0, 10), (2, 102.0, 20)]) == 0.1
+
+
+ALLOCATOR_PROBE = """
+import ctypes, json, sys
+sys.path.insert(0, {root!r})
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if {tune}:
+    from fer_models.pipeline import allocator
+    allocator.tune()
+class MI(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = MI
+libc.free(libc.malloc(16 << 20))  # a freed 16 MiB mmap-ed block: glibc's default raises its mmap threshold
+before = libc.mallinfo2().hblks
+p = libc.malloc(1 << 20)          # a 1 MiB buffer (a decoded photo): mmap-ed, or carved from an arena?
+print(json.dumps(libc.mallinfo2().hblks - before))
+libc.free(p)
+"""
+
+
+@pytest.mark.skipif(not Path("/lib/x86_64-linux-gnu/libc.so.6").exists() and not Path("/lib64/libc.so.6").exists(),
+                    reason="glibc only")
+def test_allocator_tuning_keeps_large_buffers_out_of_the_arenas():
+    """The soak's growth was glibc keeping freed memory in its arenas once its dynamic mmap threshold had risen
+    (docs/reliability.md); app.main applies fer_models.pipeline.allocator.tune(), which fixes the threshold."""
+    import json
+    import subprocess
+    import sys
+
+    def mmapped(tune: bool) -> int:
+        out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE.format(root=str(ROOT), tune=tune)],
+                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert mmapped(False) == 0  # glibc's default: after one large free, a 1 MiB buffer comes from an arena
+    assert mmapped(True) == 1   # tuned: it is mmap-ed, and returned to the system when freed
+    src = (ROOT / "app.py").read_text()
+    assert "allocator.tune()" in src.split("def main(", 1)[1]
