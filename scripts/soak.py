@@ -57,15 +57,17 @@ def start_server(checkpoint_dir: str, port: int, concurrency: int, timeout: floa
                  wrap: Sequence[str] = (), env: Optional[dict] = None) -> subprocess.Popen:
     """``python [wrap...] app.py`` on ``port``, returned once it answers HTTP. ``wrap``: e.g. ``scripts/memtrace.py
     --out DIR --`` (memory recorded from inside the server); ``env``: extra environment variables."""
+    log = tempfile.TemporaryFile("w+")
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"), GRADIO_ANALYTICS_ENABLED="False",
                HF_HUB_DISABLE_TELEMETRY="1", FER_MODEL_REPO="", **(env or {}))
     proc = subprocess.Popen([sys.executable, *wrap, str(ROOT / "app.py"), "--checkpoint-dir", checkpoint_dir,
                              "--port", str(port), "--concurrency", str(concurrency)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log  # read with server_log(proc); a pipe nobody reads would block a chatty server once full
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"app.py exited with {proc.returncode}: {server_log(proc)}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read(100)
             return proc
@@ -73,6 +75,13 @@ def start_server(checkpoint_dir: str, port: int, concurrency: int, timeout: floa
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"app.py did not answer within {timeout:.0f} s")
+
+
+def server_log(proc: subprocess.Popen, chars: int = 4000) -> str:
+    """The end of what the server wrote to stderr (its tracebacks and warnings)."""
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()[-chars:]
 
 
 def make_media(folder: Path) -> dict[str, str]:
@@ -221,6 +230,7 @@ def soak(clients: int, seconds: float, checkpoint_dir: str, concurrency: int = 2
                 "warmup": {"seconds": warmup_seconds, "served": warmup["served"] if warmup else 0,
                            "errors": warmup["errors"] if warmup else 0},
                 "serving_after": bool(alive),
+                "server_log_tail": server_log(proc) if report["errors"] else "",
                 "load_average": [round(x, 2) for x in os.getloadavg()],
             })
             return report
