@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from explain import DEFAULT_METHOD, METHODS, Explainer
+from fer_models.pipeline import allocator
 from fer_models.pipeline.faces import DEFAULT_DETECTOR, DETECTORS
 from fer_models.pipeline.overlay import colormap_lut, overlay_on_face
 from fer_models.pipeline import (
@@ -838,6 +839,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--max-file-size", default=MAX_FILE_SIZE, help="largest upload accepted, e.g. 200mb")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    allocator.tune()  # before any worker thread: RSS stays flat under load (docs/reliability.md)
+    allocator.start_trimmer()
     holder = PredictorHolder(repo_id=args.model_repo or None, checkpoint_dir=args.checkpoint_dir,
                              device=args.device)
     try:

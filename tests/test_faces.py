@@ -227,7 +227,18 @@ def test_blazeface_plus_finds_small_faces_beside_large_ones(layout, size):
     for cx, cy in centres:
         assert any(abs(b.center[0] - cx) < b.width / 2 and abs(b.center[1] - cy) < b.height / 2 for b in boxes)
     unrefined = detect_faces(canvas, create_detector("blazeface+", fallback=None, refine=None))
-    assert len(unrefined) == len(boxes)  # refinement moves boxes, never drops one
+    assert len(unrefined) == len(boxes)  # refinement moves boxes and drops no real face
+
+
+def test_blazeface_plus_drops_unconfirmed_low_scores(astronaut):
+    """The astronaut's face, mirrored, on a grey 640 x 480 frame (as a browser's fake camera shows it): BlazeFace's
+    256 px pass scores a fold of the spacesuit 0.76; O-net does not confirm it, so only the face is found."""
+    frame = np.full((480, 640, 3), 100, np.uint8)
+    frame[60:409, 220:540] = np.asarray(Image.fromarray(astronaut[20:260, 120:340]).resize((320, 349)))
+    frame = np.ascontiguousarray(frame[:, ::-1])
+    assert len(detect_faces(frame, create_detector("blazeface+", confirm_below=0.0))) == 2  # the false positive
+    boxes = detect_faces(frame, create_detector("blazeface+"))
+    assert len(boxes) == 1 and boxes[0].score > 0.9 and 180 < boxes[0].center[0] < 360
 
 
 def test_blazeface_plus_runs_the_fast_pass_first_and_no_mtcnn_search(astronaut, monkeypatch):
