@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from fer_models.training import posed
-from fer_models.training.train import distillation_loss
+from fer_models.training.backbone import distillation_loss
 
 
 def test_split_is_disjoint_and_fixed():

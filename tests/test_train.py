@@ -8,7 +8,8 @@ import torch
 import fer_models as fm
 from fer_models.training import evaluate, train
 from fer_models.training.card import write_model_card
-from fer_models.training.train import class_weights, lr_at, TrainConfig
+from fer_models.training.config import TrainConfig, class_weights, lr_at
+from fer_models.training.state import training_history
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_init_from_warm_starts_and_rejects_a_mismatch(synthetic_csv, tmp_path, m
     assert second[0]["public_acc"] >= first[-1]["best_selection_score"] - 0.1
     assert json.loads((tmp_path / "b" / "train_config.json").read_text())["init_from"].endswith("best")
     # the history behind the warm-started checkpoint follows --init-from back to the first run
-    history = train.training_history(tmp_path / "b" / "best")
+    history = training_history(tmp_path / "b" / "best")
     assert [h["epochs_completed"] for h in history] == [6, 1] and history[1]["init_from"] == history[0]["run"] + "/best"
     cfg = fm.load_model(tmp_path / "b" / "best").cfg
     card = write_model_card(tmp_path / "card", cfg, {"member_training": {"vgg_tiny": {

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors import SafetensorError
@@ -50,20 +51,40 @@ class ModelOutput:
     member_logits: dict[str, torch.Tensor]
     attention: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    # Transitional, for training/train.py's loop only (``logits = model(x)``, then ``logits.float()`` and
-    # ``logits.argmax(1)``): remove both once it reads ``model(x).logits`` (issue 17).
-    def float(self) -> torch.Tensor:
-        return self.logits.float()
 
-    def argmax(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.logits.argmax(*args, **kwargs)
-
-
-def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``softmax(logits / T)`` in float32 (temperature scaling, Guo et al., ICML 2017); T = 1 is the plain softmax."""
+def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0,
+                       confidence_map: Optional[dict] = None) -> torch.Tensor:
+    """Calibrated probabilities in float32: ``softmax(logits / T)`` (temperature scaling, Guo et al., ICML 2017;
+    T = 1 is the plain softmax), then, with a ``confidence_map``, each row's top probability moved to the map's
+    value (see :func:`match_confidence`)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    return (logits.float() / float(temperature)).softmax(-1)
+    scaled = logits.float() / float(temperature)
+    if not confidence_map:
+        return scaled.softmax(-1)
+    return match_confidence(scaled, confidence_map)
+
+
+def match_confidence(logits: torch.Tensor, confidence_map: dict, iterations: int = 40) -> torch.Tensor:
+    """``softmax(logits / t_i)`` with a temperature ``t_i`` per row chosen so that the top probability equals
+    ``confidence_map`` at the row's own top probability (``{"x": [...], "y": [...]}``, non-decreasing,
+    interpolated linearly, flat beyond its ends). A positive per-row temperature keeps every row's class order, so
+    the argmax and the ranking never move; the whole distribution flattens or sharpens together. ``t_i`` is found
+    by bisection on ``log t_i`` in [-8, 8] (the top probability falls monotonically as ``t_i`` grows)."""
+    z = logits.float()
+    n_cls = z.shape[-1]
+    top = z.softmax(-1).amax(-1)
+    xs = np.asarray(confidence_map["x"], np.float64)
+    ys = np.asarray(confidence_map["y"], np.float64)
+    target = np.interp(top.detach().cpu().double().numpy(), xs, ys).clip(1.0 / n_cls + 1e-6, 1.0 - 1e-6)
+    target = torch.as_tensor(target, dtype=z.dtype, device=z.device)
+    lo = torch.full_like(top, -8.0)
+    hi = torch.full_like(top, 8.0)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        too_sharp = (z / mid.exp().unsqueeze(-1)).softmax(-1).amax(-1) > target
+        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
+    return (z / ((lo + hi) / 2).exp().unsqueeze(-1)).softmax(-1)
 
 
 def default_config(arch: str, **overrides: Any) -> dict:
@@ -153,17 +174,18 @@ class FERModel(
         """The config's ``temperature`` for the model's decision (absent: 1.0, the plain softmax)."""
         return float(self.cfg.get("temperature", 1.0))
 
-    def member_temperatures(self) -> dict[str, float]:
-        """Each member's own temperature, by member name (a backbone's is its own)."""
-        return {self.arch: self.temperature}
+    def member_calibrations(self) -> dict[str, tuple[float, Optional[dict]]]:
+        """Each member's ``(temperature, confidence_map)``, by member name (a backbone's is its own)."""
+        return {self.arch: (self.temperature, self.cfg.get("confidence_map"))}
 
     def probabilities(self, output: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(probs, member_probs)`` of an output: ``softmax(logits / T)`` with this model's temperature for the
-        decision and each member's own for its logits. Every probability the pipeline shows comes from here;
-        accuracy and argmax code keeps using logits (dividing by T > 0 never moves the argmax)."""
-        temps = self.member_temperatures()
-        return (calibrated_softmax(output.logits, self.temperature),
-                {n: calibrated_softmax(lg, temps[n]) for n, lg in output.member_logits.items()})
+        """``(probs, member_probs)`` of an output, calibrated as the config says: the decision with this model's
+        ``temperature`` (and ``confidence_map``, if any), each member's logits with its own
+        (:func:`calibrated_softmax`). Every probability the pipeline shows comes from here; accuracy and argmax
+        code keeps using logits (neither step ever moves the argmax)."""
+        cals = self.member_calibrations()
+        return (calibrated_softmax(output.logits, self.temperature, self.cfg.get("confidence_map")),
+                {n: calibrated_softmax(lg, *cals[n]) for n, lg in output.member_logits.items()})
 
     def forward(self, x: torch.Tensor, *, attention: bool = False) -> ModelOutput:
         """Backbone forward: a :class:`ModelOutput`; with ``attention=True`` it carries the CBAM spatial maps

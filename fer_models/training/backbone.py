@@ -1,0 +1,400 @@
+"""One backbone's training loop: the data on the device as uint8, augmented there in batches, class-weighted or
+distilled loss, selection on PublicTest (+ held-out CK+48 subjects), resumable mid-epoch, data-parallel under
+torchrun (:mod:`fer_models.training.distributed`)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from ..models import create_model, load_model
+from ..models.base import FERModel
+from ..models.fusion import FusionModel
+from ..models.predict import amp_enabled, autocast, predict_logits
+from ..models.preprocess import standardize
+from .augment import AugmentConfig, augment_batch, photometric_batch
+from .config import TrainConfig, build_optimizer, class_weights, lr_at
+from .data import FaceData, load_dataset
+from .distributed import Distributed, progress_for_world_size, shard, unwrap
+from .evaluate import evaluate_ckplus
+from .metrics import score_logits
+from .state import load_state, log_metrics, save_state, trim_metrics
+
+log = logging.getLogger("fer_models.train")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """Per face ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard_loss`` (Hinton et al., 2015),
+    averaged over the batch; faces without a teacher (NaN rows: posed faces) take ``hard_loss`` alone.
+    ``hard_loss`` is per face (``reduction="none"``)."""
+    t = temperature
+    has = torch.isfinite(teacher[:, 0])
+    soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher.nan_to_num(0.0) / t, -1), log_target=True,
+                    reduction="none").sum(-1)
+    return torch.where(has, alpha * t * t * soft + (1 - alpha) * hard_loss, hard_loss).mean()
+
+
+def teacher_logits(cfg: TrainConfig, part: FaceData, run: Path, device: torch.device, split: str) -> torch.Tensor:
+    """The ``--distill-from`` teacher's centre-crop logits for ``part``, computed once into
+    ``run/teacher_logits.safetensors`` (one entry per split) and reused on resume: three teachers per training step
+    would cost the CPU more than the student itself."""
+    from ..models.fold import prepare_for_inference
+
+    path = run / "teacher_logits.safetensors"
+    cached = load_file(str(path)) if path.is_file() else {}
+    meta_path = run / "teacher_logits.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("teacher") != str(cfg.distill_from):
+        cached, meta = {}, {"teacher": str(cfg.distill_from), "tta": "center"}
+    if split in cached and len(cached[split]) == len(part):
+        return cached[split].to(device)
+    t0 = time.time()
+    teacher = prepare_for_inference(load_model(cfg.distill_from, device=device))
+    if list(teacher.class_names) != list(part.class_names):
+        raise ValueError(f"teacher {cfg.distill_from} has classes {teacher.class_names}, the data {part.class_names}")
+    logits, _ = predict_logits(teacher, part.images, tta="center", batch_size=cfg.eval_batch_size, device=device,
+                               amp=cfg.amp, channels_last=cfg.channels_last)
+    cached[split] = torch.from_numpy(logits).float()
+    save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
+    meta_path.write_text(json.dumps(meta))
+    log.info("teacher %s: %s logits of %d faces in %.1f s", cfg.distill_from, split, len(part), time.time() - t0)
+    return cached[split].to(device)
+
+
+def add_posed_faces(cfg: TrainConfig, train: FaceData, sample_weight: Optional[torch.Tensor],
+                    soft_targets: Optional[torch.Tensor]):
+    """FER2013 Training plus the posed sets' training subjects, drawn so that ``posed_share`` of every epoch's
+    faces are posed (oversampled; FER2013 stays the bulk). Posed faces have no teacher logits (NaN rows)."""
+    from .posed import posed_training_faces
+
+    posed = posed_training_faces(cfg.data, train.class_names, cfg.posed, train.images.shape[-1])
+    if not 0 < cfg.posed_share < 1:
+        raise ValueError(f"--posed-share must be in (0, 1), got {cfg.posed_share}")
+    n_fer, n_posed = len(train), len(posed)
+    base = sample_weight if sample_weight is not None else torch.ones(n_fer)
+    posed_base = torch.ones(n_posed)
+    weight = torch.cat([base / base.sum() * (1 - cfg.posed_share), posed_base / posed_base.sum() * cfg.posed_share])
+    merged = FaceData(np.concatenate([train.images, posed.images]), np.concatenate([train.labels, posed.labels]),
+                      list(train.class_names), np.concatenate([train.split, posed.split]), name=f"{train.name}+{posed.name}")
+    if soft_targets is not None:
+        soft_targets = torch.cat([soft_targets, soft_targets.new_full((n_posed, soft_targets.shape[1]), float("nan"))])
+    log.info("posed training faces: %d (%s), %.0f%% of each epoch's draws (each drawn about %.1f times per epoch)",
+             n_posed, posed.name, 100 * cfg.posed_share, cfg.posed_share * (n_fer + n_posed) / n_posed)
+    return merged, weight, soft_targets
+
+
+def _to_device_uint8(data: FaceData, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(data.images)).unsqueeze(1).to(device)
+
+
+def evaluate(model: nn.Module, data: FaceData, *, tta: str, device: torch.device, cfg: TrainConfig) -> dict:
+    logits, members = predict_logits(model, data.images, tta=tta, batch_size=cfg.eval_batch_size, device=device,
+                                     amp=cfg.amp, channels_last=cfg.channels_last)
+    res = score_logits(data.labels, logits, data.class_names)
+    res["tta"] = tta
+    if members:
+        res["members"] = {
+            k: score_logits(data.labels, v, data.class_names) for k, v in members.items()
+        }
+    return res
+
+
+# --- training loop ---------------------------------------------------------------------------------------
+@dataclass
+class TrainSet:
+    """The training faces on the compute device (uint8, N x 1 x H x W) with their labels, and how they are drawn
+    and weighted: class weights of the loss, per-face sampling weights, the teacher's logits (NaN rows: none)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    loss_weight: Optional[torch.Tensor] = None
+    sample_weight: Optional[torch.Tensor] = None
+    soft_targets: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Plan:
+    """How long the run is: the schedule's length in steps and the wall-time budget (None: no budget)."""
+    total_steps: int
+    budget_s: Optional[float] = None
+
+
+def epoch_order(data: TrainSet, cfg: TrainConfig, epoch: int, world: Distributed) -> tuple[torch.Tensor, torch.Generator]:
+    """This rank's face order for ``epoch`` (reproducible on resume) and the generator of its augmentation draws."""
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    n = len(data.y)
+    if data.sample_weight is not None:
+        order = torch.multinomial(data.sample_weight, n, replacement=True, generator=g)
+    else:
+        order = torch.randperm(n, generator=g)
+    if world.enabled:  # the same order on every rank, a disjoint slice each; augmentation draws differ per rank
+        order = shard(order, world)
+        g = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 1009 + 1 + world.rank)
+    return order, g
+
+
+def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainConfig, aug: AugmentConfig,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and logits of one batch: augment, normalise, forward, then the class-weighted (or distilled) loss."""
+    spec = unwrap(model).input_spec()
+    device = data.x.device
+    # Geometry on [0, 1] pixels (bilinear + border padding commute with the affine normalisation), then
+    # light/optics/occlusion, then normalise.
+    x = augment_batch(data.x[idx].float() / 255.0, spec["crop_size"], aug, generator=g)
+    x = standardize(photometric_batch(x, aug, generator=g), spec)  # face_norm as at inference, then mean/std
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = data.y[idx]
+    with autocast(device, amp_enabled(device, cfg.amp)):
+        logits = model(x).logits.float()
+    if data.soft_targets is None:
+        return F.cross_entropy(logits, y, weight=data.loss_weight, label_smoothing=cfg.label_smoothing), logits
+    # the teacher saw the un-augmented centre crop of the same face
+    hard = F.cross_entropy(logits, y, weight=data.loss_weight, label_smoothing=cfg.label_smoothing, reduction="none")
+    return distillation_loss(logits, data.soft_targets[idx], hard, cfg.distill_alpha, cfg.distill_temperature), logits
+
+
+def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainSet, cfg: TrainConfig, *, epoch: int,
+                    progress: dict, plan: Plan, on_checkpoint, world: Distributed = Distributed()) -> dict:
+    """One pass over the training set (resumable from ``progress['step_in_epoch']``). Returns epoch metrics.
+
+    Under torchrun ``model`` is the DistributedDataParallel wrapper and this rank trains on its shard of the epoch;
+    the returned loss, accuracy and images/s cover all ranks.
+    """
+    from tqdm import tqdm
+
+    aug = AugmentConfig.preset(cfg.augment, crop=cfg.crop, flip=cfg.flip, rotation=cfg.rotation, scale=cfg.scale)
+    order, g = epoch_order(data, cfg, epoch, world)
+    device, budget_s = data.x.device, plan.budget_s
+    steps = len(order) // cfg.batch_size  # drop the last partial batch (BN on tiny batches is noisy)
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    t_epoch = time.time()
+    start = progress.get("step_in_epoch", 0)
+    bar = tqdm(range(start, steps), desc=f"epoch {epoch + 1}", leave=False, mininterval=2.0,
+               disable=not sys.stderr.isatty() or not world.is_main)
+    stopped = False
+    for step in bar:
+        t0 = time.time()
+        if budget_s and world.enabled:  # rank 0's clock: the same learning rate and the same stop step everywhere
+            progress["elapsed_s"] = world.main_float(progress["elapsed_s"], device)
+        frac = max(progress["step"] / max(plan.total_steps, 1), progress["elapsed_s"] / budget_s if budget_s else 0.0)
+        if budget_s and progress["elapsed_s"] >= budget_s:
+            stopped = True
+            break
+        lr = lr_at(cfg, frac)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].to(device)
+        loss, logits = step_loss(model, data, idx, cfg, aug, g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1} step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == data.y[idx]).sum())
+        seen += len(idx)
+        progress.update(step=progress["step"] + 1, step_in_epoch=step + 1, elapsed_s=progress["elapsed_s"] + time.time() - t0)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}")
+        on_checkpoint()  # writes state only when --save-every-minutes have passed since the last write
+    dt = time.time() - t_epoch
+    loss_sum, correct, seen = world.sum([loss_sum, correct, seen], device)
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "lr": lr_at(cfg, frac if steps > start else 1.0), "images_per_s": seen / max(dt, 1e-6),
+            "stopped_by_budget": stopped, "finished_epoch": not stopped}
+
+
+def selection_data(cfg: TrainConfig) -> Optional[FaceData]:
+    """CK+48 for ``--select-on public+ckplus48`` (from ``<data>/ckplus48``), else None. Evaluation data only."""
+    if cfg.select_on == "public":
+        return None
+    root = Path(cfg.data)
+    path = root / "ckplus48" if (root / "ckplus48").is_dir() else root.parent / "ckplus48"
+    if not path.is_dir():
+        raise ValueError(f"--select-on {cfg.select_on} needs CK+48 at {root}/ckplus48 (or beside {root})")
+    ck = load_dataset(path, kind="ckplus")
+    if "ckplus48" in cfg.posed:  # trained on its training subjects: select on the held-out subjects only
+        from .posed import subject_mask
+
+        ck = ck.subset(subject_mask(ck.subjects, "ckplus48", "heldout"))
+    return ck
+
+
+def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
+    """The warm-start model of ``--init-from``: its architecture, width and classes must be the ones asked for."""
+    model = load_model(cfg.init_from)
+    problems = []
+    if model.arch != cfg.arch:
+        problems.append(f"arch {model.arch!r}, not {cfg.arch!r}")
+    if list(model.cfg.get("class_names", class_names)) != list(class_names):
+        problems.append(f"classes {model.cfg.get('class_names')}, not the data's {class_names}")
+    for key in ("width", "dropout"):
+        asked = getattr(cfg, key)
+        if asked is not None and model.cfg.get(key) is not None and abs(float(model.cfg[key]) - asked) > 1e-9:
+            problems.append(f"{key} {model.cfg[key]}, not {asked}")
+    if problems:
+        raise ValueError(f"--init-from {cfg.init_from} does not match this run: " + "; ".join(problems))
+    if cfg.face_norm is not None:  # preprocessing travels in the config: the warm start adopts the new one
+        model.cfg["face_norm"] = [float(v) for v in cfg.face_norm]
+    log.info("warm start from %s", cfg.init_from)
+    return model
+
+
+def build_backbone(cfg: TrainConfig, class_names: list, device: torch.device) -> FERModel:
+    """The model to train: a fusion of ``--members`` (``--finetune-members``), a warm start, or a new backbone."""
+    if cfg.arch.startswith("fusion") and cfg.members:
+        model: FERModel = FusionModel.from_members([load_model(m) for m in cfg.members], mode=cfg.fusion_mode)
+    elif cfg.init_from:
+        model = init_model(cfg, class_names)
+    else:
+        extra = {k: getattr(cfg, k) for k in ("dropout", "width", "face_norm") if getattr(cfg, k) is not None}
+        model = create_model(cfg.arch, class_names=class_names, **extra)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def training_set(cfg: TrainConfig, train: FaceData, run: Path, device: torch.device, world: Distributed) -> TrainSet:
+    """Training faces on the device with the imbalance handling, the teacher's logits and the posed faces."""
+    counts = train.class_counts()
+    loss_weight = class_weights(counts, cfg.balance_power).to(device) if cfg.balance == "loss" else None
+    sample_weight = None
+    if cfg.balance == "sampler":
+        sample_weight = class_weights(counts, cfg.balance_power)[torch.from_numpy(train.labels)]
+    soft_targets = None
+    if cfg.distill_from:
+        with world.main_first():  # rank 0 computes and caches the teacher's logits; the others read them
+            soft_targets = teacher_logits(cfg, train, run, device, "Training")
+    if cfg.posed:
+        train, sample_weight, soft_targets = add_posed_faces(cfg, train, sample_weight, soft_targets)
+    return TrainSet(_to_device_uint8(train, device), torch.from_numpy(train.labels).to(device), loss_weight,
+                    sample_weight, soft_targets)
+
+
+def resume_progress(cfg: TrainConfig, run: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    world: Distributed) -> dict:
+    """A new run's progress counters, or the saved state's (``--resume``), rescaled to this many processes."""
+    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "elapsed_s": 0.0, "best_acc": -1.0, "best_epoch": -1}
+    if world.enabled:
+        progress["world_size"] = world.world_size
+    if not (cfg.resume and (run / "state.safetensors").is_file()):
+        return progress
+    progress = load_state(run, model, opt)  # every rank reads the same state
+    rescaled = progress_for_world_size(progress, world.world_size)
+    if rescaled:
+        log.warning("state saved by %d processes, resumed on %d: step counters rescaled",
+                    progress.get("world_size", 1), world.world_size)
+        progress = rescaled
+    if world.is_main:
+        trim_metrics(run, progress["epoch"])
+    log.info("resumed from %s at epoch %d step %d (%.1f min trained)", run, progress["epoch"] + 1,
+             progress["step_in_epoch"], progress["elapsed_s"] / 60)
+    return progress
+
+
+def select_epoch(model: FERModel, public: FaceData, ckplus: Optional[FaceData], stats: dict, *, cfg: TrainConfig,
+                 run: Path, epoch: int, progress: dict) -> bool:
+    """Rank 0 at an epoch's end: score PublicTest (+ CK+48), keep ``best/`` if it improved, log the row."""
+    device = next(model.parameters()).device
+    t0 = time.time()
+    pub = evaluate(model, public, tta="center", device=device, cfg=cfg)
+    row = {"epoch": epoch + 1, **{k: v for k, v in stats.items() if k != "stopped_by_budget"},
+           "public_acc": pub["accuracy"], "public_macro_f1": pub["macro_f1"]}
+    score = pub["accuracy"]
+    if ckplus is not None:
+        row["ckplus48_acc"] = evaluate_ckplus(model, ckplus, "center", cfg.eval_batch_size, device)["accuracy"]
+        score = (pub["accuracy"] + row["ckplus48_acc"]) / 2
+    progress["elapsed_s"] += time.time() - t0
+    row.update(selection_score=score, elapsed_min=progress["elapsed_s"] / 60)
+    improved = score > progress["best_acc"]
+    if improved:
+        progress["best_acc"], progress["best_epoch"] = score, epoch + 1
+        model.save_pretrained(run / "best")  # fp32; selected on PublicTest (+ CK+48) only, never PrivateTest
+    row["best_selection_score"] = progress["best_acc"]
+    log_metrics(run, row)
+    log.info("epoch %d  loss %.4f  train_acc %.4f  public_acc %.4f  macro_f1 %.4f  lr %.5f  %.0f img/s  %.1f min",
+             epoch + 1, stats["train_loss"], stats["train_acc"], pub["accuracy"], pub["macro_f1"], stats["lr"],
+             stats["images_per_s"], progress["elapsed_s"] / 60)
+    return improved
+
+
+def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device,
+                   world: Distributed = Distributed()) -> FERModel:
+    """Train one backbone (on every rank of a torchrun job; rank 0 evaluates and writes) and return ``best/``."""
+    train, public = data.get_split("Training"), data.get_split("PublicTest")
+    if cfg.limit:
+        train = train.subset(slice(0, cfg.limit))
+        public = public.subset(slice(0, max(cfg.limit // 4, 8)))
+    model = build_backbone(cfg, data.class_names, device)
+    opt = build_optimizer(cfg, model.parameters())
+    trainset = training_set(cfg, train, run, device, world)
+    steps_per_epoch = len(trainset.y) // world.world_size // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"only {len(trainset.y)} training faces: fewer than one batch of {cfg.batch_size} "
+                         f"per process ({world.world_size} processes)")
+    plan = Plan(steps_per_epoch * cfg.epochs, cfg.max_minutes * 60 if cfg.max_minutes else None)
+    ckplus = selection_data(cfg)
+    progress = resume_progress(cfg, run, model, opt, world)
+    if world.enabled:  # dropout masks differ per rank (the weights are rank 0's: DDP broadcasts them)
+        torch.manual_seed(cfg.seed * 1009 + 1 + world.rank + progress["step"])
+    net = world.wrap(model, device)  # forward/backward only; `model` is what is evaluated and saved
+    last_save = time.time()
+
+    def checkpoint(force: bool = False):
+        """Write the resumable state if forced or --save-every-minutes have passed since the last write."""
+        nonlocal last_save
+        if world.is_main and (force or time.time() - last_save > cfg.save_every_minutes * 60):
+            save_state(run, model, opt, progress)
+            last_save = time.time()
+
+    log.info("training %s: %d faces, %d steps/epoch, %d epochs planned, budget %s min, device %s", cfg.arch,
+             len(trainset.y), steps_per_epoch, cfg.epochs, cfg.max_minutes, device)
+    while progress["epoch"] < cfg.epochs:
+        epoch = progress["epoch"]
+        stats = train_one_epoch(net, opt, trainset, cfg, epoch=epoch, progress=progress, plan=plan,
+                                on_checkpoint=checkpoint, world=world)
+        improved = world.is_main and select_epoch(model, public, ckplus, stats, cfg=cfg, run=run, epoch=epoch,
+                                                  progress=progress)  # the other ranks wait in from_main below
+        progress.update(world.from_main(progress))  # rank 0's clock and selection: every rank takes the same branch
+        if stats["finished_epoch"]:
+            progress["epoch"] += 1
+            progress["step_in_epoch"] = 0
+        if stats["stopped_by_budget"] or (plan.budget_s and progress["elapsed_s"] >= plan.budget_s):
+            log.info("time budget of %.1f min reached", cfg.max_minutes)
+            break
+        # Epoch-end state is written when best/ changed (so a resumed run never overwrites a better best/ from an
+        # older best_acc) and otherwise at most every --save-every-minutes: seconds-long GPU epochs would spend as
+        # long writing optimizer state as training. The final save below always happens.
+        checkpoint(force=improved)
+    progress["done"] = True
+    checkpoint(force=True)
+    world.check_in_sync(model, device)
+    world.barrier()  # best/ and the final state are on disk before any rank reads them
+    return load_model(run / "best", device=device)
+
+
+def teacher_agreement(model: FERModel, data: FaceData, cfg: TrainConfig, run: Path, device: torch.device) -> dict:
+    """How often the student's centre-crop prediction equals the teacher's, and the teacher's own accuracy."""
+    out: dict = {"teacher": str(cfg.distill_from), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}
+    for split in ("PublicTest", "PrivateTest"):
+        part = data.get_split(split)
+        if cfg.limit:
+            part = part.subset(slice(0, max(cfg.limit // 4, 8)))
+        t = teacher_logits(cfg, part, run, device, split).cpu().numpy()
+        s, _ = predict_logits(model, part.images, tta="center", batch_size=cfg.eval_batch_size, device=device,
+                              amp=cfg.amp, channels_last=cfg.channels_last)
+        out[split] = {"agreement": float((s.argmax(1) == t.argmax(1)).mean()),
+                      "teacher_accuracy": float((t.argmax(1) == part.labels).mean())}
+    return out
