@@ -267,6 +267,31 @@ def test_temperatures_in_the_config_scale_the_predictor_probabilities(tmp_path):
     assert list(face.probs.values()) == pytest.approx((logits / 2.0).softmax(-1).tolist(), abs=1e-5)
 
 
+def test_a_confidence_map_in_the_config_sets_the_shown_confidence(tmp_path):
+    """With a confidence map (fused and one member), the top probability the predictor reports is the map's value
+    at the temperature-scaled top probability, the class order unchanged, after a save/load round trip."""
+    fm.create_model("fusion_tiny").save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cmap = {"x": [0.1, 1.0], "y": [0.2, 0.4]}  # a tiny untrained model is near 1/7: its top becomes about 0.21
+    cfg["temperature"], cfg["confidence_map"] = 2.0, cmap
+    cfg["members"][1]["confidence_map"] = cmap
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    model = fm.load_model(tmp_path / "m")
+    p = FacePredictor(model)
+    face = p.analyze_image(data.astronaut())[0].faces[0]
+    with torch.no_grad():
+        out = model(p.prepare([face.crop]))
+    scaled = (out.logits[0] / 2.0).softmax(-1)
+    assert face.confidence == pytest.approx(float(np.interp(float(scaled.max()), cmap["x"], cmap["y"])), abs=1e-4)
+    assert np.argsort(list(face.probs.values())).tolist() == scaled.argsort().tolist()
+    votes = {v.name: v for v in face.votes}
+    top = float(out.member_logits["resnet_tiny"][0].softmax(-1).max())
+    assert max(votes["resnet_tiny"].probs.values()) == pytest.approx(float(np.interp(top, cmap["x"], cmap["y"])),
+                                                                     abs=1e-4)
+    assert max(votes["vgg_tiny"].probs.values()) == pytest.approx(
+        float(out.member_logits["vgg_tiny"][0].softmax(-1).max()), abs=1e-5)  # no map: plain softmax
+
+
 def test_tencrop_is_one_definition_in_the_app_evaluation_and_protocol(model):
     """Ten-crop = softmax(mean of the ten views' logits / T): FacePredictor (app, analyze), predict_logits
     (``python -m fer_models.evaluate --tta tencrop``) and the protocol give the same probabilities."""

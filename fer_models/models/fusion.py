@@ -74,9 +74,11 @@ class FusionModel(FERModel):
     def member_models(self) -> dict[str, FERModel]:
         return dict(self.members.items())
 
-    def member_temperatures(self) -> dict[str, float]:
-        """Each member's ``temperature`` as stored in its member config (``members[i]``; absent: 1.0)."""
-        return {n: float(c.get("temperature", 1.0)) for n, c in zip(self.member_names, self.cfg["members"])}
+    def member_calibrations(self) -> dict[str, tuple[float, Optional[dict]]]:
+        """Each member's ``(temperature, confidence_map)`` as stored in its member config (``members[i]``;
+        absent: 1.0 and none)."""
+        return {n: (float(c.get("temperature", 1.0)), c.get("confidence_map"))
+                for n, c in zip(self.member_names, self.cfg["members"])}
 
     def cam_target_layers(self) -> dict[str, nn.Module]:
         return {name: m.get_submodule(m.cfg["cam_layer"]) for name, m in self.members.items()}

@@ -127,6 +127,15 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
         extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
                      f"epochs completed: {results.get('epochs_completed')}, checkpoint selected on PublicTest "
                      f"(epoch {results.get('best_epoch')})")
+    if "distillation" in results:
+        d = results["distillation"]
+        agree = "; ".join(f"{split} {_pct(d[split]['agreement'])} (the teacher's own accuracy "
+                          f"{_pct(d[split]['teacher_accuracy'])})" for split in ("PublicTest", "PrivateTest") if split in d)
+        extra.append(f"- Distilled from `{d['teacher']}` (Hinton et al., 2015: alpha {d['alpha']}, temperature "
+                     f"{d['temperature']}; the teacher's centre-crop logits on the Training faces, cached once). "
+                     f"Agreement with the teacher's prediction, centre crop: {agree}")
+    if "calibration" in results:
+        extra.append(_calibration_line(out, results["calibration"]))
     members = ""
     if "head_trials" in results:
         trials = "; ".join(
@@ -168,3 +177,17 @@ age, ethnicity and pose, and expression is not emotion: do not use this model to
     card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n" + body)
     card.save(out / "README.md")
     return card
+
+
+def _calibration_line(out: Path, c: dict) -> str:
+    """The card's calibration bullet: the method, and ECE before -> after for every output on every row."""
+    rows = "; ".join(
+        f"{row}: " + ", ".join(f"{k} {_pct(o['ece_before'])} -> {_pct(o['ece_after'])}" for k, o in r["outputs"].items())
+        for row, r in c["rows"].items() if row != c["fitted_on"])
+    temps = ", ".join(f"{k} {v:.2f}" for k, v in c["temperatures"].items())
+    png = c.get("reliability_png")
+    return (f"- Calibrated probabilities: a temperature per output ({temps}), then a monotone map of the top "
+            f"class's probability (isotonic regression), both fitted on {c['fitted_on']}; neither moves a "
+            f"prediction. Expected calibration error (15 bins), uncalibrated -> shown: {rows}"
+            + (f". Reliability diagrams: ![reliability]({png})" if png and (out / png).is_file() else ""))
+
