@@ -33,11 +33,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from explain import DEFAULT_METHOD, METHODS, Explainer
+from fer_models.models.predict import PREDICTED_CLASS
 from fer_models.pipeline import allocator
 from fer_models.pipeline.faces import DEFAULT_DETECTOR, DETECTORS
 from fer_models.pipeline.overlay import colormap_lut, overlay_on_face
 from fer_models.pipeline import (
-    DEFAULT_CHECKPOINT_DIR, ENV_MODEL_REPO, MAX_IMAGE_PIXELS, FacePredictor, ImageAnalysis, InputError,
+    DEFAULT_CHECKPOINT_DIR, ENV_MODEL_REPO, MAX_IMAGE_PIXELS, FacePrediction, FacePredictor, ImageAnalysis, InputError,
     ModelLoadError, annotate, class_color, get_predictor,
 )
 from fer_models.pipeline.video import DEFAULT_SAMPLE_FPS, MAX_SECONDS, VideoAnalysis, analyze_video, read_frame_at
@@ -74,9 +75,9 @@ expressions. A small learned layer (the *fusion*) combines the three networks' o
 Faces are found by a face detector (BlazeFace; MTCNN and OpenCV's Haar cascade under *Options*), turned so the
 eyes are level, and shrunk to 48 x 48 grey pixels, as in FER2013.
 
-**How sure it is.** The confidence shown is calibrated on FER2013 PublicTest (temperature scaling): on faces like
-FER2013's, answers shown with 80% confidence should be right about 80% of the time. How well that holds on FER2013
-PrivateTest and on other photo collections is measured as the expected calibration error in the README.
+**How sure it is.** The confidence shown is calibrated on FER2013's PublicTest faces (a temperature, then a
+correction of the top answer's confidence; neither changes an answer): on faces like FER2013's, answers shown
+with 80% confidence should be right about 80% of the time. How well that holds on other faces is measured below.
 On photos unlike FER2013 (studio portraits, other lighting, other people) the shipped networks are right far less
 often: 39% to 46% on the JAFFE posed photos, for instance.
 
@@ -91,7 +92,6 @@ the whole face about equally.
 **What it is not.** A facial expression is not an emotion, and FER2013 has known biases (age, ethnicity, pose,
 label noise). This is a demo for looking inside models, not a tool for judging people.
 """
-PREDICTED = "predicted class"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "fer_app_outputs"
 OUTPUT_MAX_AGE_S = 3600
 DISPLAY_MAX_SIDE = 1280
@@ -443,11 +443,24 @@ def model_facts(results: Optional[dict], backbones: list[str]) -> str:
         n_ck = results["ckplus48/center"].get("n")
         text += (f" On CK+, another collection ({f'{n_ck:,} ' if isinstance(n_ck, int) else ''}posed faces of the "
                  f"six expressions it shares with FER2013), {ck:.1%}.")
-    return text
+    return text + calibration_facts(results.get("calibration"))
 
 
-def _target(cam_target: Optional[str]) -> Optional[str]:
-    return None if cam_target in (None, "", PREDICTED) else cam_target
+def calibration_facts(cal: Optional[dict]) -> str:
+    """The measured calibration of the combined answer in plain words ("" when results.json has none)."""
+    try:
+        rows = {row: r["outputs"]["fused"] for row, r in cal["rows"].items()}
+        private = rows["fer2013/PrivateTest"]
+    except (TypeError, KeyError):
+        return ""
+    text = (f"\n\n**How sure it is, measured.** On PrivateTest the confidence shown is off from how often such "
+            f"answers are right by {private['ece_after']:.1%} on average (expected calibration error; "
+            f"{private['ece_before']:.1%} before calibration)")
+    names = {"ckplus48": "CK+", "jaffe/crops": "the JAFFE photos"}
+    other = [f"{names[k]} {rows[k]['ece_after']:.1%}" for k in names if k in rows]
+    if other:
+        text += f"; on {', on '.join(other)}: on photos unlike FER2013 the confidence is still too high"
+    return text + "."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,7 +484,7 @@ def make_handlers(holder: PredictorHolder) -> Handlers:
         pred = holder.get()
         analysis, rgb = pred.analyze_image(
             image, detector=detector or None, tta=bool(tta), whole_image=bool(whole_image), explain=True,
-            cam_method=cam_method or DEFAULT_METHOD, cam_target=_target(cam_target),
+            cam_method=cam_method or DEFAULT_METHOD, cam_target=cam_target,
         )
         return render_image(analysis, rgb)
 
@@ -502,7 +515,7 @@ def make_handlers(holder: PredictorHolder) -> Handlers:
         pred = holder.get()
         t, rgb = read_frame_at(video, float(time_s or 0.0))
         analysis = pred.analyze_array(rgb, detector=detector or None, explain=True,
-                                      cam_method=cam_method or DEFAULT_METHOD, cam_target=_target(cam_target),
+                                      cam_method=cam_method or DEFAULT_METHOD, cam_target=cam_target,
                                       notes=[f"Frame at {t:.2f} s."])
         return render_image(analysis, rgb)
 
@@ -520,7 +533,7 @@ def make_handlers(holder: PredictorHolder) -> Handlers:
 
 def _explain_options(class_choices: list[str]) -> tuple[gr.Dropdown, gr.Dropdown]:
     return (gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Explanation method"),
-            gr.Dropdown(class_choices, value=PREDICTED, allow_custom_value=True, label="Explain which class"))
+            gr.Dropdown(class_choices, value=PREDICTED_CLASS, allow_custom_value=True, label="Explain which class"))
 
 
 def _result_panels(ids: bool = False) -> list:
@@ -699,7 +712,7 @@ def make_live_handlers(holder: PredictorHolder, models: LiveModels) -> tuple[Cal
             raise InputError("Start the webcam first: this button explains the newest frame of the live stream.")
         analysis = holder.get().analyze_array(
             rgb, detector=detector or None, explain=True, cam_method=cam_method or DEFAULT_METHOD,
-            cam_target=_target(cam_target), notes=["The newest live frame, explained with the fusion."])
+            cam_target=cam_target, notes=["The newest live frame, explained with the fusion."])
         return render_image(analysis, rgb)
 
     return stream, analyze_live_frame, explain_live_frame
@@ -751,7 +764,7 @@ def build_demo(predictor: Union[FacePredictor, PredictorHolder, None] = None) ->
     Each tab is one function over the shared handlers; a new tab is one more ``with gr.Tab(...)`` line here."""
     holder = predictor if isinstance(predictor, PredictorHolder) else PredictorHolder(predictor)
     handlers = make_handlers(holder)
-    class_choices = [PREDICTED] + _class_names_hint(holder)
+    class_choices = [PREDICTED_CLASS] + _class_names_hint(holder)
     with gr.Blocks(title="Facial expression recognition", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"# {TITLE}\n{DESCRIPTION}")
         with gr.Accordion("About the model", open=False, elem_id="about-model"):

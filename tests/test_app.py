@@ -278,6 +278,11 @@ def test_model_facts_in_plain_words():
     private = results["PrivateTest/center"]["accuracy"]
     assert f"{private:.1%}" in text and "3,589" in text and "vgg19_cbam" in text and "CK+" in text
     assert app.model_facts({"PrivateTest": {"accuracy": 0.25}}, []) == ""
+    cal = {"rows": {"fer2013/PrivateTest": {"outputs": {"fused": {"ece_before": 0.199, "ece_after": 0.021}}},
+                    "jaffe/crops": {"outputs": {"fused": {"ece_before": 0.51, "ece_after": 0.28}}}}}
+    text = app.model_facts({**results, "calibration": cal}, [])
+    assert "by 2.1% on average" in text and "19.9% before calibration" in text and "JAFFE photos 28.0%" in text
+    assert app.calibration_facts({"rows": {}}) == "" and app.calibration_facts(None) == ""
 
 
 def test_app_imports_without_loading_a_model():
