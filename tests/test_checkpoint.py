@@ -58,3 +58,41 @@ def test_shipped_accuracy_on_fixed_private_subset(shipped, data_dir):
     res = evaluate_fer(shipped, load_dataset(data_dir), "PrivateTest", "center", subset=500)
     assert res["n"] == 500
     assert abs(res["accuracy"] - recorded) <= 0.015, (res["accuracy"], recorded)
+
+
+# --- the student (checkpoints/student): the live mode's fast model, distilled from the fusion -------------------
+STUDENT = CKPT / "student"
+needs_student = pytest.mark.skipif(not (STUDENT / "model.safetensors").is_file(), reason="no shipped student")
+
+
+@needs_student
+def test_shipped_student_is_small_fp16_and_calibrated():
+    from safetensors import safe_open
+
+    student = fm.load_model(STUDENT)
+    assert student.arch == "student" and sum(p.numel() for p in student.parameters()) < 2e6
+    with safe_open(str(STUDENT / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "F16" in dtypes and "F32" not in dtypes  # (I64: BatchNorm's batch counters)
+    assert (STUDENT / "model.safetensors").stat().st_size < 5e6
+    assert student.temperature > 0 and student.cfg.get("confidence_map")  # calibrated on PublicTest
+
+
+@needs_student
+def test_shipped_student_card_shows_accuracy_macro_f1_and_agreement():
+    card = (STUDENT / "README.md").read_text()
+    results = json.loads((STUDENT / "results.json").read_text())
+    private = results["PrivateTest/center"]
+    assert f"{private['accuracy'] * 100:.2f}%" in card and f"{private['macro_f1'] * 100:.2f}%" in card
+    assert f"{results['distillation']['PrivateTest']['agreement'] * 100:.2f}%" in card
+    assert "Calibrated probabilities" in card
+
+
+@needs_student
+def test_shipped_student_accuracy_on_fixed_private_subset(data_dir):
+    from fer_models.training.data import load_dataset
+
+    recorded = json.loads((STUDENT / "results.json").read_text())["PrivateTest500/center"]["accuracy"]
+    res = evaluate_fer(fm.load_model(STUDENT), load_dataset(data_dir), "PrivateTest", "center", subset=500)
+    assert res["n"] == 500
+    assert abs(res["accuracy"] - recorded) <= 0.015, (res["accuracy"], recorded)

@@ -486,7 +486,7 @@ _shared_lock = threading.Lock()
 
 
 def create_detector(name: str = DEFAULT_DETECTOR, **kwargs) -> FaceDetector:
-    """A new detector by name (``"mtcnn"`` or ``"haar"``)."""
+    """A new detector by name (a key of :data:`DETECTORS`: blazeface+, blazeface, mtcnn, haar)."""
     if name not in DETECTORS:
         raise ValueError(f"unknown face detector {name!r}; choose from {sorted(DETECTORS)}")
     return DETECTORS[name](**kwargs)

@@ -91,21 +91,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_confidence_map(probs: np.ndarray, labels: np.ndarray) -> dict:
     """Isotonic regression of correctness on the top-class probability (pool-adjacent-violators, blocks of equal
-    mean merged): ``{"x": block mean confidences, "y": block accuracies}``. A block's accuracy is shrunk towards
-    one half by half a face each way, ``(k + 0.5) / (n + 1)``, so a small all-right block at the top reads 97%, not
-    100%; then clipped to [1/classes, 0.999] and kept non-decreasing."""
+    mean merged), as ``{"x": [...], "y": [...]}`` points: each block's lowest and highest confidence at the block's
+    accuracy, so the map is the fitted step function, linear only across the gaps between blocks (as
+    scikit-learn's IsotonicRegression predicts; joining block centres instead smeared wide blocks: 5% ECE on the
+    fitting set itself). A block's accuracy is shrunk towards one half by half a face each way,
+    ``(k + 0.5) / (n + 1)``, so a small all-right block at the top reads 97%, not 100%; then clipped to
+    [1/classes, 0.999] and kept non-decreasing."""
     conf, correct = probs.max(1), (probs.argmax(1) == labels).astype(np.float64)
     order = np.argsort(conf, kind="stable")
-    blocks: list[list[float]] = []  # [sum of correct, count, sum of confidence]
+    blocks: list[list[float]] = []  # [sum of correct, count, lowest confidence, highest confidence]
     for c, k in zip(conf[order], correct[order]):
-        blocks.append([k, 1.0, float(c)])
+        blocks.append([k, 1.0, float(c), float(c)])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] >= blocks[-1][0] / blocks[-1][1]:
-            k2, n2, c2 = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + k2, blocks[-1][1] + n2, blocks[-1][2] + c2]
-    x = np.array([b[2] / b[1] for b in blocks])
+            k2, n2, _, hi = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + k2, blocks[-1][1] + n2, blocks[-1][2], hi]
     y = np.array([(b[0] + 0.5) / (b[1] + 1.0) for b in blocks])
     y = np.maximum.accumulate(y.clip(1.0 / probs.shape[1], 0.999))
-    return {"x": [round(float(v), 5) for v in x], "y": [round(float(v), 5) for v in y]}
+    xs, ys = [], []
+    for (_, _, lo, hi), v in zip(blocks, y):
+        for x in ((lo,) if hi <= lo else (lo, hi)):
+            if not xs or x > xs[-1]:  # strictly increasing points for np.interp
+                xs.append(round(float(x), 6))
+                ys.append(round(float(v), 5))
+    return {"x": xs, "y": ys}
 
 
 def fit_vector_scaling(logits: np.ndarray, labels: np.ndarray, steps: int = 300) -> tuple[np.ndarray, np.ndarray]:

@@ -181,12 +181,18 @@ age, ethnicity and pose, and expression is not emotion: do not use this model to
 
 def _calibration_line(out: Path, c: dict) -> str:
     """The card's calibration bullet: the method, and ECE before -> after for every output on every row."""
+    single = len(c["temperatures"]) == 1  # one network: its output is the model's, not a fused one
+
+    def name(k: str) -> str:
+        return "" if single else f"{k} "
+
     rows = "; ".join(
-        f"{row}: " + ", ".join(f"{k} {_pct(o['ece_before'])} -> {_pct(o['ece_after'])}" for k, o in r["outputs"].items())
+        f"{row}: " + ", ".join(f"{name(k)}{_pct(o['ece_before'])} -> {_pct(o['ece_after'])}"
+                               for k, o in r["outputs"].items())
         for row, r in c["rows"].items() if row != c["fitted_on"])
-    temps = ", ".join(f"{k} {v:.2f}" for k, v in c["temperatures"].items())
+    temps = ", ".join(f"{name(k)}{v:.2f}" for k, v in c["temperatures"].items())
     png = c.get("reliability_png")
-    return (f"- Calibrated probabilities: a temperature per output ({temps}), then a monotone map of the top "
+    return (f"- Calibrated probabilities: a temperature {'' if single else 'per output '}({temps}), then a monotone map of the top "
             f"class's probability (isotonic regression), both fitted on {c['fitted_on']}; neither moves a "
             f"prediction. Expected calibration error (15 bins), uncalibrated -> shown: {rows}"
             + (f". Reliability diagrams: ![reliability]({png})" if png and (out / png).is_file() else ""))
