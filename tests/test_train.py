@@ -77,6 +77,9 @@ def test_init_from_warm_starts_and_rejects_a_mismatch(synthetic_csv, tmp_path, m
     quick = ("--rotation", "0", "--scale", "0", "--no-crop", "--skip-final-eval")
     train.main(_args(synthetic_csv, tmp_path / "a", "--epochs", "6", *quick))
     first = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    cfg_a = tmp_path / "a" / "best" / "config.json"  # a calibration fitted to a's weights must not carry over
+    cfg_a.write_text(json.dumps({**json.loads(cfg_a.read_text()), "temperature": 3.0,
+                                 "confidence_map": {"x": [0.2, 0.9], "y": [0.3, 0.8]}}))
     # one epoch at a tiny LR from the trained weights starts where the first run ended, not from chance
     train.main(_args(synthetic_csv, tmp_path / "b", "--epochs", "1", "--lr", "1e-4",
                      "--init-from", str(tmp_path / "a" / "best"), *quick))
@@ -88,6 +91,7 @@ def test_init_from_warm_starts_and_rejects_a_mismatch(synthetic_csv, tmp_path, m
     history = training_history(tmp_path / "b" / "best")
     assert [h["epochs_completed"] for h in history] == [6, 1] and history[1]["init_from"] == history[0]["run"] + "/best"
     cfg = fm.load_model(tmp_path / "b" / "best").cfg
+    assert "temperature" not in cfg and "confidence_map" not in cfg
     card = write_model_card(tmp_path / "card", cfg, {"member_training": {"vgg_tiny": {
         "train_minutes": 1.5, "epochs_completed": 7, "best_epoch": 1, "device": "cpu", "stages": history}}})
     assert "in 2 runs (6 epochs" in card.text and "kept epoch 1 of the last run (best" in card.text

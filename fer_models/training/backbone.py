@@ -247,6 +247,8 @@ def init_model(cfg: TrainConfig, class_names: list) -> FERModel:
         raise ValueError(f"--init-from {cfg.init_from} does not match this run: " + "; ".join(problems))
     if cfg.face_norm is not None:  # preprocessing travels in the config: the warm start adopts the new one
         model.cfg["face_norm"] = [float(v) for v in cfg.face_norm]
+    for key in ("temperature", "confidence_map"):  # fitted to the old weights: the new ones must be calibrated anew
+        model.cfg.pop(key, None)
     log.info("warm start from %s", cfg.init_from)
     return model
 
