@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fer_models.pipeline import FacePredictor  # noqa: E402
 from fer_models.pipeline.faces import DEFAULT_DETECTOR, create_detector, detect_faces  # noqa: E402
+from app_speed import photo_640x480, timed  # noqa: E402
 from live_speed import frames_with_faces, load, time_live  # noqa: E402
 
 DETECTORS = ("blazeface+", "blazeface", "mtcnn")
@@ -58,52 +59,28 @@ def per_face_rows(predictors: dict, runs: int) -> list[dict]:
     rows = []
     for name, pred in predictors.items():
         for batch in (1, 32):
-            faces = crops[:batch]
-            for _ in range(3):
-                pred.predict_crops(faces)
-            times = []
-            for _ in range(runs):
-                t = time.perf_counter()
-                pred.predict_crops(faces)
-                times.append((time.perf_counter() - t) * 1000 / batch)
-            ms = statistics.median(times)
+            ms = timed(lambda: pred.predict_crops(crops[:batch]), runs)[0] / batch
             rows.append({"model": name, "batch": batch, "ms_per_face": round(ms, 2), "faces_per_s": round(1000 / ms)})
     torch.set_num_threads(2)
     return rows
 
 
-def raw_model(folder: str, tiny: bool):
-    """The fusion as loaded (each FacePredictor makes its own folded copy)."""
-    import fer_models as fm
-    from fer_models.pipeline import ModelLoadError, load_model_with_fallback
-
-    if tiny:
-        return fm.create_model("fusion_tiny").eval()
-    try:
-        return load_model_with_fallback("", folder, device="cpu")[0]
-    except ModelLoadError:
-        return fm.create_model("fusion").eval()
-
-
-def per_photo_rows(model, runs: int) -> list[dict]:
+def per_photo_rows(pred: FacePredictor, runs: int) -> list[dict]:
     """A 640x480 photo with one face: detection + the fusion, 2 threads, detectors interleaved round by round."""
-    from app_speed import photo_640x480
-
     torch.set_num_threads(2)
     cv2.setNumThreads(2)
     img = photo_640x480()
-    preds = {d: FacePredictor(model, detector=d) for d in DETECTORS}
-    for p in preds.values():
+    for d in DETECTORS:
         for _ in range(3):
-            p.analyze_array(img)
-    times: dict[str, list[float]] = {d: [] for d in preds}
+            pred.analyze_array(img, detector=d)
+    times: dict[str, list[float]] = {d: [] for d in DETECTORS}
     for _ in range(runs):
-        for d, p in preds.items():
+        for d in DETECTORS:
             t = time.perf_counter()
-            p.analyze_array(img)
+            pred.analyze_array(img, detector=d)
             times[d].append((time.perf_counter() - t) * 1000)
     return [{"detector": d, "ms_per_photo": round(statistics.median(v), 1), "p90_ms": round(float(np.percentile(v, 90)), 1),
-             "faces": len(preds[d].analyze_array(img).faces)} for d, v in times.items()]
+             "faces": len(pred.analyze_array(img, detector=d).faces)} for d, v in times.items()]
 
 
 def found_rate_rows(data: Path) -> list[dict]:
@@ -150,7 +127,7 @@ def main(argv=None) -> dict:
     for r in report["per_face"]:
         print(f"| {r['model']} | {r['batch']} | {r['ms_per_face']} | {r['faces_per_s']} |")
 
-    report["per_photo"] = per_photo_rows(raw_model(args.checkpoint_dir, args.tiny), args.runs)
+    report["per_photo"] = per_photo_rows(predictors["fusion"], args.runs)
     print("\n| detector (640x480 photo, 1 face, + fusion, 2 threads) | ms per photo | p90 ms | faces |\n|---|---|---|---|")
     for r in report["per_photo"]:
         print(f"| {r['detector']} | {r['ms_per_photo']} | {r['p90_ms']} | {r['faces']} |")

@@ -116,6 +116,13 @@ def fit_confidence_map(probs: np.ndarray, labels: np.ndarray) -> dict:
     return {"x": xs, "y": ys}
 
 
+def fit_calibration(logits: dict[str, np.ndarray], labels: np.ndarray) -> tuple[dict[str, float], dict[str, dict]]:
+    """Both steps for every output (``{"fused" or a member name: logits}``): the temperatures and the confidence
+    maps fitted after them."""
+    temps = {k: fit_temperature(v, labels) for k, v in logits.items()}
+    return temps, {k: fit_confidence_map(softmax(v / temps[k]), labels) for k, v in logits.items()}
+
+
 def fit_vector_scaling(logits: np.ndarray, labels: np.ndarray, steps: int = 300) -> tuple[np.ndarray, np.ndarray]:
     """Per-class scale ``w`` and bias ``b`` minimising the NLL of ``softmax(w * logits + b)`` (may move the argmax)."""
     z = torch.from_numpy(np.asarray(logits, np.float64))
@@ -222,8 +229,7 @@ def calibrate(model, data_root: Path, *, rows: Sequence[str] = ROWS, subset: Opt
         rows = (fit_row, *rows)
     data = row_logits(model, data_root, rows, subset)
     fit = data[fit_row]
-    temps = {k: fit_temperature(v, fit["labels"]) for k, v in fit["logits"].items()}
-    maps = {k: fit_confidence_map(softmax(v / temps[k]), fit["labels"]) for k, v in fit["logits"].items()}
+    temps, maps = fit_calibration(fit["logits"], fit["labels"])
     report: dict = {"method": "temperature + confidence map", "fitted_on": fit_row, "ece_bins": ECE_BINS,
                     "temperatures": temps, "confidence_maps": maps, "rows": {}}
     for row, d in data.items():

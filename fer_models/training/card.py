@@ -192,8 +192,8 @@ def _calibration_line(out: Path, c: dict) -> str:
         for row, r in c["rows"].items() if row != c["fitted_on"])
     temps = ", ".join(f"{name(k)}{v:.2f}" for k, v in c["temperatures"].items())
     png = c.get("reliability_png")
-    return (f"- Calibrated probabilities: a temperature {'' if single else 'per output '}({temps}), then a monotone map of the top "
+    per_output = "" if single else "per output "
+    return (f"- Calibrated probabilities: a temperature {per_output}({temps}), then a monotone map of the top "
             f"class's probability (isotonic regression), both fitted on {c['fitted_on']}; neither moves a "
             f"prediction. Expected calibration error (15 bins), uncalibrated -> shown: {rows}"
             + (f". Reliability diagrams: ![reliability]({png})" if png and (out / png).is_file() else ""))
-

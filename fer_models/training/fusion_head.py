@@ -118,14 +118,13 @@ def calibrate_fusion(fusion: FusionModel, cache: dict) -> dict:
     """Temperature scaling and a confidence map (``training.calibrate``) of the fused and each member's logits,
     fitted on cached PublicTest logits (centre crop) and stored in the fusion's config: the probabilities shown
     become calibrated."""
-    from .calibrate import fit_confidence_map, fit_temperature, with_calibration
+    from .calibrate import fit_calibration, with_calibration
 
     y = cache["PublicTest/labels"]
     member_logits = {n: torch.from_numpy(cache[f"PublicTest/center/{n}"]).float() for n in fusion.member_names}
     with torch.no_grad():
         outputs = {"fused": fusion.cpu().fuse(member_logits).numpy(), **{n: v.numpy() for n, v in member_logits.items()}}
-    temps = {k: fit_temperature(v, y) for k, v in outputs.items()}
-    maps = {k: fit_confidence_map(softmax(v / temps[k]), y) for k, v in outputs.items()}
+    temps, maps = fit_calibration(outputs, y)
     fusion.cfg = with_calibration(fusion.cfg, temps, maps)
     for name, member in fusion.members.items():
         member_cfg = fusion.cfg["members"][fusion.member_names.index(name)]
