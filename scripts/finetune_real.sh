@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Real-photo fine-tune (issue 10) of the shipped members on FER2013 Training only, then the fusion head and the
-# real-photo protocol against the shipped checkpoint. The candidate lands in $OUT/fusion/model.
+# Real-photo fine-tune of the shipped members, then the fusion head and the real-photo protocol against the
+# shipped checkpoint. The candidate lands in $OUT/fusion/model.
 #   DATA=../shared/data OUT=runs/real MINUTES=15 bash scripts/finetune_real.sh
-# Each member: warm start from its shipped weights, --augment real (shift, contrast/brightness/gamma, blur,
-# down-up sampling, JPEG, noise, random erasing) with wider rotation/zoom, a fresh cosine schedule from LR on a
-# MINUTES budget, checkpoint chosen by (PublicTest + CK+48) / 2. CK+48 and JAFFE are never trained on.
-# Every stage is resumable (--resume): rerun the same command after an interruption.
+#   RECIPE=posed EPOCHS=3 DATA=../shared/data OUT=runs/posed MINUTES=40 bash scripts/finetune_real.sh
+# Each member: warm start from its shipped weights, a fresh cosine schedule from LR over EPOCHS (cut at MINUTES),
+# checkpoint chosen by (PublicTest + CK+48 held-out subjects) / 2.
+#   RECIPE=real (default): FER2013 Training only, --augment real (shift, contrast/brightness/gamma, blur, down-up
+#     sampling, JPEG, noise, random erasing) with wider rotation/zoom.
+#   RECIPE=posed: FER2013 Training plus the training subjects of CK+48 and JAFFE (10% of each epoch's draws), the
+#     shipped fusion's cached logits as soft targets for the FER2013 faces (computed once, shared by the members).
+# UNTIL=members stops before the fusion head. Every stage is resumable (--resume): rerun the same command after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"; OUT="${OUT:-runs/real}"; BASE="${BASE:-checkpoints}"
-MINUTES="${MINUTES:-15}"; LR="${LR:-0.01}"
+MINUTES="${MINUTES:-15}"; LR="${LR:-0.01}"; EPOCHS="${EPOCHS:-4}"; RECIPE="${RECIPE:-real}"
 mkdir -p "$OUT/base"
 python - "$BASE" "$OUT/base" <<'PY'
 import sys
@@ -20,11 +24,22 @@ for name, member in fusion.members.items():
     if not (Path(sys.argv[2]) / name / "model.safetensors").is_file():
         member.save_pretrained(Path(sys.argv[2]) / name)
 PY
-FT="--augment real --rotation 15 --scale 0.15 --select-on public+ckplus48 --lr $LR --warmup 0.05 --epochs 4"
+case "$RECIPE" in
+  real) FT="--augment real --rotation 15 --scale 0.15" ;;
+  posed) FT="--posed ckplus48,jaffe --posed-share 0.1 --distill-from $BASE" ;;
+  *) echo "RECIPE must be real or posed, not $RECIPE" >&2; exit 2 ;;
+esac
+FT="$FT --select-on public+ckplus48 --lr $LR --warmup 0.05 --epochs $EPOCHS"
 FT="$FT --max-minutes $MINUTES --save-every-minutes 3 --skip-final-eval --resume ${EXTRA:-}"
-for m in resnet18 vgg19 vgg19_cbam; do
+CACHE=""   # the teacher's logits, computed by the first member and copied to the next
+for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
+  if [ -n "$CACHE" ] && [ ! -e "$OUT/$m/teacher_logits.safetensors" ]; then
+    mkdir -p "$OUT/$m"; cp "$CACHE"/teacher_logits.safetensors "$CACHE"/teacher_logits.json "$OUT/$m/"
+  fi
   python -m fer_models.train --arch "$m" --data "$DATA" --init-from "$OUT/base/$m" --output "$OUT/$m" $FT
+  if [ "$RECIPE" = posed ]; then CACHE="$OUT/$m"; fi
 done
+if [ "${UNTIL:-}" = members ]; then exit 0; fi
 python -m fer_models.train --arch fusion --members "$OUT/vgg19/best,$OUT/resnet18/best,$OUT/vgg19_cbam/best" \
   --data "$DATA" --output "$OUT/fusion" --head-train-faces 8000 --resume ${FUSION_EXTRA:-}
 python -m fer_models.protocol "$OUT/fusion/model" --data "$DATA" --baseline "$BASE" --out "$OUT/protocol.json"
