@@ -60,6 +60,17 @@ def test_protocol_cli_on_a_small_subset(data_dir, tmp_path):
         assert set(r[row]["members"]) == {"vgg19", "resnet18", "vgg19_cbam"}
     assert r["fer2013/PublicTest"]["accuracy"] > 0.5  # far above chance (1/7) on FER2013
     assert r["jaffe/fullframe"]["found"] >= 39  # the detector finds (almost) every JAFFE face
+    # the held-out-subject rows: only the held-out subjects of the fixed split, and the selection uses CK+'s
+    from fer_models.training.posed import load_split
+    held = load_split()
+    for row in ("ckplus48/heldout", "jaffe/crops/heldout", "jaffe/fullframe/heldout"):
+        assert 0 < len(r[row]["correct"]) <= 40
+    assert r["selection_rows"] == ["fer2013/PublicTest", "ckplus48/heldout"]
+    crops = list((Path(data_dir) / "jaffe" / "crops").glob("*/*"))
+    n_held = sum(1 for f in crops if f.name.split(".")[0] in held["jaffe"]["heldout"])
+    full = protocol.run_protocol(protocol._predictor(str(CKPT), "cpu", None), data_dir, rows=["jaffe/crops/heldout"])
+    assert list(full) == ["jaffe/crops/heldout"] and 0 < n_held < len(crops)
+    assert len(full["jaffe/crops/heldout"]["correct"]) == n_held
     assert json.loads(out.read_text())["subset"] == 40
 
 

@@ -11,13 +11,18 @@ Rows (every one scored per image, with accuracy, macro-F1, per-class recall and 
 * ``jaffe/crops`` — the 213 JAFFE face crops (~170 px, studio photos) through ``FacePredictor.predict_crops``,
   the app's classifier on a given crop (centre view);
 * ``jaffe/fullframe`` — the 68 JAFFE full frames through the app's own ``FacePredictor.analyze_batch``
-  (detector, eye-levelled crop at the detector's margin, classifier); a photo with no face found is an error.
+  (detector, eye-levelled crop at the detector's margin, classifier); a photo with no face found is an error;
+* ``ckplus48/heldout``, ``jaffe/crops/heldout``, ``jaffe/fullframe/heldout`` — the same rows on the **held-out
+  subjects** of the fixed subject-disjoint split (:mod:`.posed`, docs/posed_split.md) only. A model trained with
+  ``--posed`` has seen the other subjects, so only these rows are fair to it; the all-subject rows stay for
+  comparison with results from before the split.
 
 With ``--baseline`` both checkpoints are scored on the same images and each row gets an exact McNemar test of
 the two (photos only one of them got right). **Selection rule**, stated here once and used by
-``scripts/``/the README: a candidate checkpoint is chosen by ``selection_score = (PublicTest + CK+48) / 2``
-(centre-crop accuracies); FER2013 PrivateTest and both JAFFE rows are reported, never used to choose.
-CK+48 and JAFFE are evaluation data only: nothing is trained on them.
+``scripts/``/the README: a candidate checkpoint is chosen by ``selection_score = (PublicTest + CK+48 held-out
+subjects) / 2`` (centre-crop accuracies; all CK+48 subjects when the held-out row is not scored); FER2013
+PrivateTest and the JAFFE rows are reported, never used to choose. CK+48 and JAFFE images of held-out subjects
+are never trained on.
 """
 from __future__ import annotations
 
@@ -34,12 +39,13 @@ import numpy as np
 from .data import FaceData, load_dataset
 from .evaluate import _cross_dataset, fixed_subset, shared_labels
 from .metrics import mcnemar_exact, score_logits
+from .posed import jaffe_subject, subject_mask
 
 log = logging.getLogger("fer_models.protocol")
 
 JAFFE_EXTS = (".tiff", ".tif", ".jpg", ".jpeg", ".png")
 ROWS = ("fer2013/PublicTest", "fer2013/PrivateTest", "fer2013/PrivateTest/tencrop", "ckplus48", "jaffe/crops",
-        "jaffe/fullframe")
+        "jaffe/fullframe", "ckplus48/heldout", "jaffe/crops/heldout", "jaffe/fullframe/heldout")
 
 
 @dataclass
@@ -155,21 +161,30 @@ def run_protocol(predictor, data_root: Path, *, tencrop: bool = False, subset: O
                 out[f"fer2013/{split}"] = _fer_row(predictor, part, tta=False)
             if split == "PrivateTest" and tencrop and "fer2013/PrivateTest/tencrop" in rows:
                 out["fer2013/PrivateTest/tencrop"] = _fer_row(predictor, part, tta=True)
-    if "ckplus48" in rows:
-        ck = load_dataset(data_root / "ckplus48", kind="ckplus")
-        idx = pick(len(ck))
-        sub = ck.subset(idx)
-        sub.extra["sequences"] = ck.extra["sequences"][idx]
-        out["ckplus48"] = _ck_row(predictor, sub)
-    if "jaffe/crops" in rows:
-        jc = read_jaffe(data_root, "crops", names)
-        jc = jc.subset(pick(len(jc.labels)))
-        out["jaffe/crops"] = _row(jc.labels, *_predict(predictor, jc.images), names)
-    if "jaffe/fullframe" in rows:
-        jf = read_jaffe(data_root, "fullframe", names)
-        out["jaffe/fullframe"] = _fullframe_row(predictor, jf.subset(pick(len(jf.labels))))
-    if "fer2013/PublicTest" in out and "ckplus48" in out:
-        out["selection_score"] = (out["fer2013/PublicTest"]["accuracy"] + out["ckplus48"]["accuracy"]) / 2
+    for heldout in (False, True):
+        tag = "/heldout" if heldout else ""
+        if f"ckplus48{tag}" in rows:
+            ck = load_dataset(data_root / "ckplus48", kind="ckplus")
+            mask = subject_mask(ck.subjects, "ckplus48", "heldout") if heldout else np.ones(len(ck), bool)
+            idx = np.flatnonzero(mask)[pick(int(mask.sum()))]
+            sub = ck.subset(idx)
+            sub.extra["sequences"] = ck.extra["sequences"][idx]
+            out[f"ckplus48{tag}"] = _ck_row(predictor, sub)
+        for kind in ("crops", "fullframe"):
+            row = f"jaffe/{kind}{tag}"
+            if row not in rows:
+                continue
+            photos = read_jaffe(data_root, kind, names)
+            if heldout:
+                mask = subject_mask([jaffe_subject(n) for n in photos.names], "jaffe", "heldout")
+                photos = photos.subset(np.flatnonzero(mask))
+            photos = photos.subset(pick(len(photos.labels)))
+            out[row] = (_row(photos.labels, *_predict(predictor, photos.images), names) if kind == "crops"
+                        else _fullframe_row(predictor, photos))
+    ck_row = "ckplus48/heldout" if "ckplus48/heldout" in out else "ckplus48"
+    if "fer2013/PublicTest" in out and ck_row in out:
+        out["selection_score"] = (out["fer2013/PublicTest"]["accuracy"] + out[ck_row]["accuracy"]) / 2
+        out["selection_rows"] = ["fer2013/PublicTest", ck_row]
     return out
 
 
@@ -202,7 +217,8 @@ def format_table(results: dict[str, dict], tests: Optional[dict] = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     scores = [results[lab].get("selection_score") for lab in labels]
     if any(s is not None for s in scores):
-        lines.append("| selection score (PublicTest + CK+48) / 2 | | " + " | ".join(
+        ck = "CK+48 held-out" if any("ckplus48/heldout" in r for r in results.values()) else "CK+48"
+        lines.append(f"| selection score (PublicTest + {ck}) / 2 | | " + " | ".join(
             "—" if s is None else f"{s:.2%}" for s in scores) + (" | |" if tests else " |"))
     return "\n".join(lines)
 
