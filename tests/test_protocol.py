@@ -102,3 +102,21 @@ def test_face_norm_standardises_each_face_and_travels_with_the_config(tmp_path):
     assert fusion.input_spec()["face_norm"] == [130.0, 50.0]
     with pytest.raises(ValueError, match="input spec"):
         fm.FusionModel.from_members([model, fm.create_model("resnet_tiny")])
+
+
+def test_card_names_every_training_set_with_its_terms(tmp_path):
+    """A model trained on the posed sets' training subjects says so in its card (sets, subjects, terms of use)."""
+    import fer_models as fm
+    from fer_models.training.card import write_model_card
+
+    model = fm.create_model("resnet_tiny")
+    write_model_card(tmp_path, model.cfg, {"arch": model.arch})
+    plain = (tmp_path / "README.md").read_text()
+    assert "FER2013 Training" in plain and "CK+48" not in plain and "JAFFE" not in plain
+    assert "selected on FER2013 PublicTest only" in plain
+    posed = {"train_config": {"posed": ["ckplus48", "jaffe"], "select_on": "public+ckplus48"}}
+    write_model_card(tmp_path, model.cfg, {"arch": "fusion", "member_training": {"resnet18": posed}})
+    text = (tmp_path / "README.md").read_text()
+    assert "83 of 118 subjects" in text and "6 of 10 subjects" in text and text.count("research use only") == 2
+    assert "No image of a held-out subject was trained on" in text and "(FER2013 PublicTest + CK+48) / 2" in text
+    assert "- ckplus48" in text and "- jaffe" in text  # the Hub metadata's datasets list

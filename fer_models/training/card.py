@@ -13,6 +13,51 @@ DATASETS = {"PrivateTest": ("FER2013 PrivateTest", "fer2013", "PrivateTest"),
             "ckplus48": ("CK+48 (cross-dataset, 6 shared classes)", "ckplus", "all")}
 
 
+# Every set a model may be trained on, with its source and terms of use (named in the card when used).
+TRAINING_SETS = {
+    "fer2013": "FER2013 Training (28,709 faces; Goodfellow et al., ICML 2013 Challenges in Representation "
+               "Learning, released through the Kaggle challenge for research)",
+    "ckplus48": "CK+48, the training subjects of a fixed subject-disjoint split ({train} of {total} subjects; "
+                "Lucey et al., CVPR Workshops 2010; research use only, under the CK+ database's terms)",
+    "jaffe": "JAFFE crops, the training subjects of a fixed subject-disjoint split ({train} of {total} subjects; "
+             "Lyons et al., FG 1998; research use only, under the JAFFE database's terms)",
+}
+
+
+def training_sets(results: dict) -> list[str]:
+    """The sets this model (or any of its members) was trained on, FER2013 first, from the stored train configs."""
+    configs = [results.get("train_config") or {}] + [
+        t.get("train_config") or {} for t in results.get("member_training", {}).values()]
+    sets = ["fer2013"]
+    for c in configs:
+        sets += [s for s in c.get("posed") or [] if s not in sets]
+    return sets
+
+
+def selection_text(results: dict) -> str:
+    """How checkpoints were chosen, from the stored train configs (never on PrivateTest)."""
+    configs = [results.get("train_config") or {}] + [
+        t.get("train_config") or {} for t in results.get("member_training", {}).values()]
+    if any(c.get("select_on") == "public+ckplus48" for c in configs):
+        return ("Checkpoints are selected on (FER2013 PublicTest + CK+48) / 2, CK+48's held-out subjects only when "
+                "its other subjects were trained on; PrivateTest is reported once.")
+    return "Checkpoints are selected on FER2013 PublicTest only; PrivateTest is reported once."
+
+
+def training_data_section(results: dict) -> str:
+    from .posed import load_split
+
+    split = load_split()
+    lines = []
+    for s in training_sets(results):
+        part = split.get(s, {})
+        n_train = len(part.get("train", []))
+        lines.append("- " + TRAINING_SETS[s].format(train=n_train, total=n_train + len(part.get("heldout", []))))
+    note = ("" if len(lines) == 1 else "\n\nNo image of a held-out subject was trained on; the held-out subjects "
+            "are the CK+48 and JAFFE evaluation rows (the split: docs/posed_split.md in the source repository).")
+    return "## Training data\n\n" + "\n".join(lines) + note + "\n"
+
+
 def _pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{x * 100:.2f}%"
 
@@ -84,7 +129,7 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
     card_data = ModelCardData(
         library_name="fer-models", license="mit", pipeline_tag="image-classification",
         tags=["facial-expression-recognition", "fer2013", "pytorch", "safetensors", cfg["arch"]],
-        datasets=["fer2013"], metrics=["accuracy", "f1"], model_name=name,
+        datasets=training_sets(results), metrics=["accuracy", "f1"], model_name=name,
         eval_results=_eval_results(name, results) or None,
     )
     main_key = "PrivateTest/tencrop" if "PrivateTest/tencrop" in results else "PrivateTest/center"
@@ -121,8 +166,10 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
         kept = f"kept epoch {t.get('best_epoch')} of the last run"
         if t.get("best_epoch") is not None and last_completed is not None and t["best_epoch"] > last_completed:
             kept += ", the partial epoch its time budget cut short"  # epochs_completed counts whole epochs only
+        by = ("best (PublicTest + CK+48) / 2" if (t.get("train_config") or {}).get("select_on") == "public+ckplus48"
+              else "best PublicTest accuracy")
         extra.append(f"- `{member}` trained {t.get('train_minutes')} min on {t.get('device')}, "
-                     f"{t.get('epochs_completed')} epochs{how}; {kept} (best PublicTest accuracy)")
+                     f"{t.get('epochs_completed')} epochs{how}; {kept} ({by})")
     if "train_minutes" in results and results.get("epochs_completed") is not None:
         extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
                      f"epochs completed: {results.get('epochs_completed')}, checkpoint selected on PublicTest "
@@ -154,8 +201,9 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
 Facial-expression recognition on 48x48 grayscale faces (FER2013 classes: {", ".join(cfg["class_names"])}).
 Architecture `{cfg["arch"]}`{f" (width {cfg['width']})" if "width" in cfg else ""}; input {cfg["input_size"]}x{cfg["input_size"]}, {cfg["in_chans"]} channel(s),
 {cfg["crop_size"]}x{cfg["crop_size"]} centre crop (or ten-crop), normalised with mean {cfg["mean"]} / std {cfg["std"]}.
-{members}Checkpoints are selected on FER2013 PublicTest only; PrivateTest is reported once.
+{members}{selection_text(results)}
 
+{training_data_section(results)}
 ## Results (measured by the training/evaluation CLI, not typed by hand)
 
 {results_table(results)}
