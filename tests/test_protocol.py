@@ -120,3 +120,20 @@ def test_card_names_every_training_set_with_its_terms(tmp_path):
     assert "83 of 118 subjects" in text and "6 of 10 subjects" in text and text.count("research use only") == 2
     assert "No image of a held-out subject was trained on" in text and "(FER2013 PublicTest + CK+48) / 2" in text
     assert "- ckplus48" in text and "- jaffe" in text  # the Hub metadata's datasets list
+
+
+def test_evaluate_ckplus_on_held_out_subjects_updates_the_card(data_dir, tmp_path):
+    import fer_models as fm
+    from fer_models.training import evaluate
+    from fer_models.training.data import load_dataset
+    from fer_models.training.posed import subject_mask
+
+    fm.create_model("vgg_tiny").save_pretrained(tmp_path)
+    res = evaluate.main([str(tmp_path), "--data", str(data_dir / "ckplus48"), "--subjects", "heldout",
+                         "--device", "cpu", "--update-card"])
+    ck = load_dataset(data_dir / "ckplus48", kind="ckplus")
+    held = subject_mask(ck.subjects, "ckplus48", "heldout") & (np.array(ck.class_names)[ck.labels] != "contempt")
+    assert res["n"] == held.sum() < len(ck) / 2 and res["dataset"] == "ckplus48-heldout"
+    assert "ckplus48-heldout/center" in json.loads((tmp_path / "results.json").read_text())
+    assert f"CK+48 held-out subjects cross-dataset accuracy (6 shared classes, {held.sum()} faces" in (
+        tmp_path / "README.md").read_text()

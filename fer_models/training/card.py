@@ -10,7 +10,8 @@ from .metrics import format_confusion, plot_confusion
 
 DATASETS = {"PrivateTest": ("FER2013 PrivateTest", "fer2013", "PrivateTest"),
             "PublicTest": ("FER2013 PublicTest", "fer2013", "PublicTest"),
-            "ckplus48": ("CK+48 (cross-dataset, 6 shared classes)", "ckplus", "all")}
+            "ckplus48": ("CK+48 (cross-dataset, 6 shared classes)", "ckplus", "all"),
+            "ckplus48-heldout": ("CK+48 held-out subjects (cross-dataset, 6 shared classes)", "ckplus", "heldout")}
 
 
 # Every set a model may be trained on, with its source and terms of use (named in the card when used).
@@ -148,10 +149,10 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
     if "PrivateTest500/center" in results:
         extra.append(f"- Fixed 500-face PrivateTest subset (the regression test's reference): accuracy "
                      f"{_pct(results['PrivateTest500/center']['accuracy'])}")
-    for key in ("ckplus48/center",):
+    for key, what in (("ckplus48/center", "CK+48"), ("ckplus48-heldout/center", "CK+48 held-out subjects")):
         if key in results:
             r = results[key]
-            extra.append(f"- CK+48 cross-dataset accuracy (6 shared classes, {r.get('n')} faces, contempt left out): "
+            extra.append(f"- {what} cross-dataset accuracy (6 shared classes, {r.get('n')} faces, contempt left out): "
                          f"{_pct(r['accuracy'])} counting `neutral` predictions as errors; "
                          f"{_pct(r.get('accuracy_shared_argmax'))} with the argmax over the shared classes; "
                          f"{_pct(r.get('accuracy_per_sequence'))} per sequence")

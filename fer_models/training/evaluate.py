@@ -8,6 +8,8 @@ fear, happy, sad, surprise: ``contempt`` faces are left out, CK+48 has no neutra
 ``accuracy`` counts a prediction of a class CK+48 lacks (neutral) as an error, over all 7 model outputs;
 ``accuracy_shared_argmax`` takes the argmax over the shared classes only. Scores are per image; the three
 frames of a sequence are near-duplicates, so a per-sequence majority vote is reported as well.
+``--subjects heldout`` scores only CK+48's held-out subjects of the fixed subject-disjoint split (what a model trained
+on the other subjects, ``train --posed ckplus48``, must be judged on; recorded as ``ckplus48-heldout``).
 ``--update-card`` merges the results into the model directory's ``results.json`` and regenerates its card.
 """
 from __future__ import annotations
@@ -103,6 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="FER2013 file/folder, the shared data root, or a CK+48 folder")
     p.add_argument("--split", default="PrivateTest", help="FER2013 split (ignored for CK+48)")
     p.add_argument("--tta", choices=["center", "tencrop"], default="center")
+    p.add_argument("--subjects", choices=["all", "heldout"], default="all",
+                   help="CK+48: all subjects, or the held-out subjects of the fixed split (docs/posed_split.md)")
     p.add_argument("--subset", type=int, default=None,
                    help="score a fixed subset of this many faces spread over the split (recorded as <split><n>)")
     p.add_argument("--batch-size", type=int, default=512, help="network inputs per forward (ten-crop: /10 faces)")
@@ -124,8 +128,18 @@ def main(argv: Optional[list] = None) -> dict:
     is_ck = "ck" in data_path.name.lower() or (data_path / "contempt").is_dir()
     data = load_dataset(data_path, kind="ckplus" if is_ck else "fer2013")
     if is_ck:
+        name = "ckplus48"
+        if args.subjects == "heldout":
+            from .posed import subject_mask
+
+            idx = np.flatnonzero(subject_mask(data.subjects, "ckplus48", "heldout"))
+            sequences = data.extra["sequences"][idx]
+            data = data.subset(idx)
+            data.extra["sequences"] = sequences
+            name = "ckplus48-heldout"
         res = evaluate_ckplus(model, data, args.tta, args.batch_size, device)
-        key = f"ckplus48/{args.tta}"
+        res["dataset"] = name
+        key = f"{name}/{args.tta}"
     else:
         res = evaluate_fer(model, data, args.split, args.tta, args.batch_size, device, subset=args.subset)
         key = f"{args.split}{args.subset or ''}/{args.tta}"
