@@ -169,8 +169,15 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
             kept += ", the partial epoch its time budget cut short"  # epochs_completed counts whole epochs only
         by = ("best (PublicTest + CK+48) / 2" if (t.get("train_config") or {}).get("select_on") == "public+ckplus48"
               else "best PublicTest accuracy")
+        interp = (stages[-1] if stages else {}).get("interpolation")
+        if interp:
+            kept += (f" ({by}), then its weights interpolated with the starting checkpoint's at alpha "
+                     f"{interp['alpha']:g} (WiSE-FT; alpha chosen on PublicTest and CK+48"
+                     f"{' held-out subjects' if interp.get('ckplus_subjects') == 'heldout' else ''})")
+        else:
+            kept += f" ({by})"
         extra.append(f"- `{member}` trained {t.get('train_minutes')} min on {t.get('device')}, "
-                     f"{t.get('epochs_completed')} epochs{how}; {kept} ({by})")
+                     f"{t.get('epochs_completed')} epochs{how}; {kept}")
     if "train_minutes" in results and results.get("epochs_completed") is not None:
         extra.append(f"- Training time: {results['train_minutes']} min on {results.get('device', '?')}; "
                      f"epochs completed: {results.get('epochs_completed')}, checkpoint selected on PublicTest "

@@ -84,7 +84,8 @@ def training_history(checkpoint: Union[str, Path]) -> list[dict]:
         tc = r.get("train_config") or {}
         stages.append({"run": str(d.parent), "train_minutes": r.get("train_minutes"),
                        "epochs_completed": r.get("epochs_completed"), "best_epoch": r.get("best_epoch"),
-                       "device": r.get("device"), "init_from": tc.get("init_from"), "train_config": tc})
+                       "device": r.get("device"), "init_from": tc.get("init_from"), "train_config": tc,
+                       "interpolation": {k: v for k, v in (r.get("interpolation") or {}).items() if k != "alphas"}})
         d = Path(tc["init_from"]) if tc.get("init_from") else None
     return stages[::-1]
 
