@@ -2,14 +2,17 @@
 # Real-photo fine-tune of the shipped members, then the fusion head and the real-photo protocol against the
 # shipped checkpoint. The candidate lands in $OUT/fusion/model.
 #   DATA=../shared/data OUT=runs/real MINUTES=15 bash scripts/finetune_real.sh
-#   RECIPE=posed EPOCHS=3 DATA=../shared/data OUT=runs/posed MINUTES=40 bash scripts/finetune_real.sh
+#   RECIPE=posed WISE=1 EPOCHS=3 DATA=../shared/data OUT=runs/posed MINUTES=40 bash scripts/finetune_real.sh
 # Each member: warm start from its shipped weights, a fresh cosine schedule from LR over EPOCHS (cut at MINUTES),
 # checkpoint chosen by (PublicTest + CK+48 held-out subjects) / 2.
 #   RECIPE=real (default): FER2013 Training only, --augment real (shift, contrast/brightness/gamma, blur, down-up
 #     sampling, JPEG, noise, random erasing) with wider rotation/zoom.
 #   RECIPE=posed: FER2013 Training plus the training subjects of CK+48 and JAFFE (10% of each epoch's draws), the
-#     shipped fusion's cached logits as soft targets for the FER2013 faces (computed once, shared by the members).
-# UNTIL=members stops before the fusion head. Every stage is resumable (--resume): rerun the same command after an interruption.
+#     shipped fusion's cached logits as soft targets for the FER2013 faces (computed once, shared by the members;
+#     DISTILL=0: hard labels only).
+# WISE=1 fuses each member interpolated with its start (WiSE-FT, python -m fer_models.interpolate) instead.
+# UNTIL=members stops before the fusion head, UNTIL=fusion before the protocol.
+# Every stage is resumable (--resume): rerun the same command after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"; OUT="${OUT:-runs/real}"; BASE="${BASE:-checkpoints}"
@@ -26,7 +29,8 @@ for name, member in fusion.members.items():
 PY
 case "$RECIPE" in
   real) FT="--augment real --rotation 15 --scale 0.15" ;;
-  posed) FT="--posed ckplus48,jaffe --posed-share 0.1 --distill-from $BASE" ;;
+  posed) FT="--posed ckplus48,jaffe --posed-share 0.1"
+         if [ "${DISTILL:-1}" = 1 ]; then FT="$FT --distill-from $BASE"; fi ;;
   *) echo "RECIPE must be real or posed, not $RECIPE" >&2; exit 2 ;;
 esac
 FT="$FT --select-on public+ckplus48 --lr $LR --warmup 0.05 --epochs $EPOCHS"
@@ -37,9 +41,19 @@ for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
     mkdir -p "$OUT/$m"; cp "$CACHE"/teacher_logits.safetensors "$CACHE"/teacher_logits.json "$OUT/$m/"
   fi
   python -m fer_models.train --arch "$m" --data "$DATA" --init-from "$OUT/base/$m" --output "$OUT/$m" $FT
-  if [ "$RECIPE" = posed ]; then CACHE="$OUT/$m"; fi
+  if [ -e "$OUT/$m/teacher_logits.safetensors" ]; then CACHE="$OUT/$m"; fi
 done
 if [ "${UNTIL:-}" = members ]; then exit 0; fi
-python -m fer_models.train --arch fusion --members "$OUT/vgg19/best,$OUT/resnet18/best,$OUT/vgg19_cbam/best" \
+S=""   # WISE=1: each member's weights interpolated with its start (python -m fer_models.interpolate), then fused
+if [ "${WISE:-0}" = 1 ]; then
+  S=_wise
+  for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
+    if [ ! -f "$OUT/$m$S/best/model.safetensors" ]; then
+      python -m fer_models.interpolate "$OUT/base/$m" "$OUT/$m/best" --data "$DATA" --output "$OUT/$m$S"
+    fi
+  done
+fi
+python -m fer_models.train --arch fusion --members "$OUT/vgg19$S/best,$OUT/resnet18$S/best,$OUT/vgg19_cbam$S/best" \
   --data "$DATA" --output "$OUT/fusion" --head-train-faces 8000 --resume ${FUSION_EXTRA:-}
+if [ "${UNTIL:-}" = fusion ]; then exit 0; fi
 python -m fer_models.protocol "$OUT/fusion/model" --data "$DATA" --baseline "$BASE" --out "$OUT/protocol.json"
