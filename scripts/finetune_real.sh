@@ -9,7 +9,8 @@
 #     sampling, JPEG, noise, random erasing) with wider rotation/zoom.
 #   RECIPE=posed: FER2013 Training plus the training subjects of CK+48 and JAFFE (10% of each epoch's draws), the
 #     shipped fusion's cached logits as soft targets for the FER2013 faces (computed once, shared by the members;
-#     DISTILL=0: hard labels only).
+#     DISTILL=self: each member's own shipped weights as its teacher, learning without forgetting, so the members
+#     stay as different from each other as before; DISTILL=none: hard labels only).
 # WISE=1 fuses each member interpolated with its start (WiSE-FT, python -m fer_models.interpolate) instead.
 # UNTIL=members stops before the fusion head, UNTIL=fusion before the protocol.
 # Every stage is resumable (--resume): rerun the same command after an interruption.
@@ -30,7 +31,7 @@ PY
 case "$RECIPE" in
   real) FT="--augment real --rotation 15 --scale 0.15" ;;
   posed) FT="--posed ckplus48,jaffe --posed-share 0.1"
-         if [ "${DISTILL:-1}" = 1 ]; then FT="$FT --distill-from $BASE"; fi ;;
+         if [ "${DISTILL:-fusion}" = fusion ]; then FT="$FT --distill-from $BASE"; fi ;;
   *) echo "RECIPE must be real or posed, not $RECIPE" >&2; exit 2 ;;
 esac
 FT="$FT --select-on public+ckplus48 --lr $LR --warmup 0.05 --epochs $EPOCHS"
@@ -40,8 +41,9 @@ for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
   if [ -n "$CACHE" ] && [ ! -e "$OUT/$m/teacher_logits.safetensors" ]; then
     mkdir -p "$OUT/$m"; cp "$CACHE"/teacher_logits.safetensors "$CACHE"/teacher_logits.json "$OUT/$m/"
   fi
-  python -m fer_models.train --arch "$m" --data "$DATA" --init-from "$OUT/base/$m" --output "$OUT/$m" $FT
-  if [ -e "$OUT/$m/teacher_logits.safetensors" ]; then CACHE="$OUT/$m"; fi
+  SELF=""; if [ "$RECIPE" = posed ] && [ "${DISTILL:-fusion}" = self ]; then SELF="--distill-from $OUT/base/$m"; fi
+  python -m fer_models.train --arch "$m" --data "$DATA" --init-from "$OUT/base/$m" --output "$OUT/$m" $FT $SELF
+  if [ -z "$SELF" ] && [ -e "$OUT/$m/teacher_logits.safetensors" ]; then CACHE="$OUT/$m"; fi
 done
 if [ "${UNTIL:-}" = members ]; then exit 0; fi
 S=""   # WISE=1: each member's weights interpolated with its start (python -m fer_models.interpolate), then fused
