@@ -25,21 +25,23 @@ TRAINING_SETS = {
 }
 
 
+def _train_configs(results: dict) -> list[dict]:
+    """The model's own train config and each member's (empty dicts where none was stored)."""
+    return [results.get("train_config") or {}] + [
+        t.get("train_config") or {} for t in results.get("member_training", {}).values()]
+
+
 def training_sets(results: dict) -> list[str]:
     """The sets this model (or any of its members) was trained on, FER2013 first, from the stored train configs."""
-    configs = [results.get("train_config") or {}] + [
-        t.get("train_config") or {} for t in results.get("member_training", {}).values()]
     sets = ["fer2013"]
-    for c in configs:
+    for c in _train_configs(results):
         sets += [s for s in c.get("posed") or [] if s not in sets]
     return sets
 
 
 def selection_text(results: dict) -> str:
     """How checkpoints were chosen, from the stored train configs (never on PrivateTest)."""
-    configs = [results.get("train_config") or {}] + [
-        t.get("train_config") or {} for t in results.get("member_training", {}).values()]
-    if any(c.get("select_on") == "public+ckplus48" for c in configs):
+    if any(c.get("select_on") == "public+ckplus48" for c in _train_configs(results)):
         return ("Checkpoints are selected on (FER2013 PublicTest + CK+48) / 2, CK+48's held-out subjects only when "
                 "its other subjects were trained on; PrivateTest is reported once.")
     return "Checkpoints are selected on FER2013 PublicTest only; PrivateTest is reported once."
