@@ -102,6 +102,9 @@ def test_ckplus_reader(tmp_path):
     d = read_ckplus(tmp_path)
     assert len(d) == 3 and d.subjects.tolist() == ["S010", "S005", "S005"]
     assert d.class_names[d.labels[0]] == "contempt"
+    sub = d.subset([1, 2])  # per-face extras (the sequence ids) follow the subset, like subjects
+    assert sub.subjects.tolist() == ["S005", "S005"] and len(sub.extra["sequences"]) == 2
+    assert sub.extra["sequences"].tolist() == d.extra["sequences"][[1, 2]].tolist()
     (tmp_path / "happy" / "face.png").write_bytes(b"")
     with pytest.raises(DataFormatError, match="face.png"):
         read_ckplus(tmp_path)

@@ -42,7 +42,7 @@ class FaceData:
     subjects: Optional[np.ndarray] = None   # str N (CK+: "S005"), when known
     sources: Optional[np.ndarray] = None    # str N: file names, when read from files
     name: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # per-face arrays (length N, e.g. CK+'s "sequences") follow subset()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -51,9 +51,10 @@ class FaceData:
         def pick(a):
             return None if a is None else a[index]
 
+        per_face = {k: v[index] for k, v in self.extra.items() if isinstance(v, np.ndarray) and len(v) == len(self)}
         return FaceData(
             self.images[index], self.labels[index], list(self.class_names), self.split[index],
-            pick(self.subjects), pick(self.sources), self.name,
+            pick(self.subjects), pick(self.sources), self.name, per_face,
         )
 
     def get_split(self, split: str) -> "FaceData":

@@ -132,10 +132,7 @@ def main(argv: Optional[list] = None) -> dict:
         if args.subjects == "heldout":
             from .posed import subject_mask
 
-            idx = np.flatnonzero(subject_mask(data.subjects, "ckplus48", "heldout"))
-            sequences = data.extra["sequences"][idx]
-            data = data.subset(idx)
-            data.extra["sequences"] = sequences
+            data = data.subset(np.flatnonzero(subject_mask(data.subjects, "ckplus48", "heldout")))
             name = "ckplus48-heldout"
         res = evaluate_ckplus(model, data, args.tta, args.batch_size, device)
         res["dataset"] = name

@@ -167,9 +167,7 @@ def run_protocol(predictor, data_root: Path, *, tencrop: bool = False, subset: O
             ck = load_dataset(data_root / "ckplus48", kind="ckplus")
             mask = subject_mask(ck.subjects, "ckplus48", "heldout") if heldout else np.ones(len(ck), bool)
             idx = np.flatnonzero(mask)[pick(int(mask.sum()))]
-            sub = ck.subset(idx)
-            sub.extra["sequences"] = ck.extra["sequences"][idx]
-            out[f"ckplus48{tag}"] = _ck_row(predictor, sub)
+            out[f"ckplus48{tag}"] = _ck_row(predictor, ck.subset(idx))
         for kind in ("crops", "fullframe"):
             row = f"jaffe/{kind}{tag}"
             if row not in rows:
