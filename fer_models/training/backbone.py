@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -155,13 +156,46 @@ def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainCon
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = data.y[idx]
+    teacher = data.soft_targets[idx] if data.soft_targets is not None else None
+    lam, perm = mixup_draw(cfg.mixup, len(idx), g, device)
+    if perm is not None:
+        x = lam * x + (1 - lam) * x[perm]
+        if teacher is not None:
+            teacher = mix_teacher(teacher, perm, lam, cfg.distill_temperature)
     with autocast(device, amp_enabled(device, cfg.amp)):
         logits = model(x).logits.float()
-    if data.soft_targets is None:
-        return F.cross_entropy(logits, y, weight=data.loss_weight, label_smoothing=cfg.label_smoothing), logits
+
+    def hard_loss(labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=data.loss_weight, label_smoothing=cfg.label_smoothing,
+                               reduction=reduction)
+
+    if teacher is None:  # mixup's loss is the same mixture of the two labels' losses
+        loss = hard_loss(y, "mean")
+        return (loss if perm is None else lam * loss + (1 - lam) * hard_loss(y[perm], "mean")), logits
+    hard = hard_loss(y) if perm is None else lam * hard_loss(y) + (1 - lam) * hard_loss(y[perm])
     # the teacher saw the un-augmented centre crop of the same face
-    hard = F.cross_entropy(logits, y, weight=data.loss_weight, label_smoothing=cfg.label_smoothing, reduction="none")
-    return distillation_loss(logits, data.soft_targets[idx], hard, cfg.distill_alpha, cfg.distill_temperature), logits
+    return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
+
+
+def mixup_draw(alpha: float, n: int, g: torch.Generator, device: torch.device):
+    """Mixup's weight (one Beta(alpha, alpha) draw per batch, folded to >= 0.5 so the first face leads) and the
+    partner order; ``(1.0, None)`` when mixup is off."""
+    if alpha <= 0:
+        return 1.0, None
+    seed = int(torch.randint(2 ** 31, (1,), generator=g))  # torch's Beta takes no generator: draw from g's seed
+    u = float(np.random.default_rng(seed).beta(alpha, alpha))
+    lam = min(max(u, 1 - u), 1 - 1e-6)  # log(1 - lam) below stays finite
+    return lam, torch.randperm(n, generator=g).to(device)
+
+
+def mix_teacher(teacher: torch.Tensor, perm: torch.Tensor, lam: float, temperature: float) -> torch.Tensor:
+    """Teacher logits whose temperature-``T`` softmax is the ``lam`` mixture of the two faces' softened
+    probabilities (``T * log p_mix``: :func:`distillation_loss` divides by ``T`` again). A face without a teacher
+    (NaN row) on either side leaves a NaN row: that pair falls back to the mixed hard labels."""
+    t = temperature
+    logp = torch.stack([F.log_softmax(teacher / t, -1) + math.log(lam),
+                        F.log_softmax(teacher[perm] / t, -1) + math.log(1 - lam)])
+    return t * torch.logsumexp(logp, 0)
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: TrainSet, cfg: TrainConfig, *, epoch: int,
