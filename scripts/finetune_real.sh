@@ -11,7 +11,8 @@
 #     shipped fusion's cached logits as soft targets for the FER2013 faces (computed once, shared by the members;
 #     DISTILL=self: each member's own shipped weights as its teacher, learning without forgetting, so the members
 #     stay as different from each other as before; DISTILL=none: hard labels only).
-# WISE=1 fuses each member interpolated with its start (WiSE-FT, python -m fer_models.interpolate) instead.
+# WISE=1 fuses each member interpolated with its start (WiSE-FT, python -m fer_models.interpolate) instead;
+#   ALPHAS=0,0.5,0.75,1 sets the grid of interpolation weights it scores.
 # UNTIL=members stops before the fusion head, UNTIL=fusion before the protocol.
 # Every stage is resumable (--resume): rerun the same command after an interruption.
 set -euo pipefail
@@ -51,7 +52,7 @@ if [ "${WISE:-0}" = 1 ]; then
   S=_wise
   for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
     if [ ! -f "$OUT/$m$S/best/model.safetensors" ]; then
-      python -m fer_models.interpolate "$OUT/base/$m" "$OUT/$m/best" --data "$DATA" --output "$OUT/$m$S"
+      python -m fer_models.interpolate "$OUT/base/$m" "$OUT/$m/best" --data "$DATA" --output "$OUT/$m$S" ${ALPHAS:+--alphas "$ALPHAS"}
     fi
   done
 fi

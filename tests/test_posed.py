@@ -79,3 +79,51 @@ def test_train_with_posed_faces_and_distillation(data_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and "ckplus48_acc" in rows[0]
     assert (tmp_path / "run" / "teacher_logits.safetensors").is_file()
+
+
+def test_mixup_mixes_the_teachers_softened_probabilities():
+    from fer_models.training.backbone import mix_teacher, mixup_draw
+
+    assert mixup_draw(0.0, 8, torch.Generator().manual_seed(0), torch.device("cpu")) == (1.0, None)
+    lam, perm = mixup_draw(0.3, 8, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert 0.5 <= lam < 1 and sorted(perm.tolist()) == list(range(8))
+    again = mixup_draw(0.3, 8, torch.Generator().manual_seed(1), torch.device("cpu"))  # reproducible on resume
+    assert again[0] == lam and torch.equal(again[1], perm)
+
+    torch.manual_seed(0)
+    t = torch.randn(8, 7) * 3
+    mixed = mix_teacher(t, perm, 0.7, 4.0)
+    want = 0.7 * F.softmax(t / 4, -1) + 0.3 * F.softmax(t[perm] / 4, -1)
+    assert torch.allclose(F.softmax(mixed / 4, -1), want, atol=1e-6)
+    # a face without a teacher (a posed face) on either side of a pair: no soft target for that pair
+    t[2] = float("nan")
+    rows = torch.isfinite(mix_teacher(t, perm, 0.7, 4.0)[:, 0])
+    assert (~rows).tolist() == [(i == 2 or int(perm[i]) == 2) for i in range(8)]
+
+
+def test_set_class_balance_draws_every_set_and_class_equally():
+    from fer_models.training.backbone import posed_draw_weights
+    from fer_models.training.data import FaceData
+
+    sources = np.array(["ckplus48/a"] * 6 + ["jaffe/b"] * 3)
+    labels = np.array([5, 5, 5, 5, 2, 2, 2, 2, 5])  # CK+: 4 surprise, 2 fear; JAFFE: 2 fear, 1 surprise
+    faces = FaceData(np.zeros((9, 48, 48), np.uint8), labels, ["c"] * 7, np.array(["Training"] * 9), sources=sources)
+    assert torch.equal(posed_draw_weights(faces, "none"), torch.ones(9))
+    w = posed_draw_weights(faces, "set-class")
+    totals = {(s.split("/")[0], int(y)): 0.0 for s, y in zip(sources, labels)}
+    for s, y, wi in zip(sources, labels, w.tolist()):
+        totals[(s.split("/")[0], int(y))] += wi
+    assert len(totals) == 4 and all(v == pytest.approx(1.0) for v in totals.values())
+    with pytest.raises(ValueError, match="posed balance"):
+        posed_draw_weights(faces, "class")
+
+
+def test_train_with_mixup_and_balanced_posed_draws(data_dir, tmp_path):
+    from fer_models.training.train import main
+
+    res = main(["--arch", "resnet_tiny", "--data", str(data_dir), "--output", str(tmp_path / "run"), "--epochs", "1",
+                "--limit", "256", "--posed", "ckplus48,jaffe", "--posed-share", "0.25", "--posed-balance", "set-class",
+                "--mixup", "0.4", "--skip-final-eval"])
+    assert res["train_config"]["mixup"] == 0.4 and res["train_config"]["posed_balance"] == "set-class"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and np.isfinite(rows[0]["train_loss"])

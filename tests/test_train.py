@@ -205,3 +205,11 @@ def test_real_photo_recipe_trains_and_stores_face_norm(synthetic_csv, tmp_path, 
     assert fm.load_model(tmp_path / "b" / "best").input_spec()["face_norm"] == [120.0, 50.0]
     with pytest.raises(ValueError, match="needs CK\\+48"):
         train.main(_args(synthetic_csv, tmp_path / "c", "--epochs", "1", "--select-on", "public+ckplus48"))
+
+
+def test_mixup_still_learns_the_toy_task(synthetic_csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("FER_CACHE_DIR", str(tmp_path / "cache"))
+    train.main(_args(synthetic_csv, tmp_path / "r", "--epochs", "6", "--rotation", "0", "--scale", "0", "--no-crop",
+                     "--mixup", "0.2", "--skip-final-eval"))
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["best_selection_score"] > 0.5  # chance is 1/7

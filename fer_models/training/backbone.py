@@ -84,15 +84,29 @@ def add_posed_faces(cfg: TrainConfig, train: FaceData, sample_weight: Optional[t
         raise ValueError(f"--posed-share must be in (0, 1), got {cfg.posed_share}")
     n_fer, n_posed = len(train), len(posed)
     base = sample_weight if sample_weight is not None else torch.ones(n_fer)
-    posed_base = torch.ones(n_posed)
+    posed_base = posed_draw_weights(posed, cfg.posed_balance)
     weight = torch.cat([base / base.sum() * (1 - cfg.posed_share), posed_base / posed_base.sum() * cfg.posed_share])
     merged = FaceData(np.concatenate([train.images, posed.images]), np.concatenate([train.labels, posed.labels]),
                       list(train.class_names), np.concatenate([train.split, posed.split]), name=f"{train.name}+{posed.name}")
     if soft_targets is not None:
         soft_targets = torch.cat([soft_targets, soft_targets.new_full((n_posed, soft_targets.shape[1]), float("nan"))])
-    log.info("posed training faces: %d (%s), %.0f%% of each epoch's draws (each drawn about %.1f times per epoch)",
-             n_posed, posed.name, 100 * cfg.posed_share, cfg.posed_share * (n_fer + n_posed) / n_posed)
+    log.info("posed training faces: %d (%s), %.0f%% of each epoch's draws (each drawn about %.1f times per epoch "
+             "on average; balance %s)", n_posed, posed.name, 100 * cfg.posed_share,
+             cfg.posed_share * (n_fer + n_posed) / n_posed, cfg.posed_balance)
     return merged, weight, soft_targets
+
+
+def posed_draw_weights(posed: FaceData, balance: str) -> torch.Tensor:
+    """Relative draw weights of the posed faces: equal (``none``), or ``set-class``: every (set, class) pair
+    present gets the same total weight, so a small set (JAFFE's 6 training women) and a rare class (fear) are
+    drawn as often as CK+48's surprise."""
+    if balance == "none":
+        return torch.ones(len(posed))
+    if balance != "set-class":
+        raise ValueError(f"unknown posed balance {balance!r}; choose none or set-class")
+    keys = [f"{str(src).split('/', 1)[0]}:{int(y)}" for src, y in zip(posed.sources, posed.labels)]
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return torch.from_numpy(1.0 / counts[inverse]).float()
 
 
 def _to_device_uint8(data: FaceData, device: torch.device) -> torch.Tensor:

@@ -64,6 +64,7 @@ class TrainConfig:
     # posed expressions (CK+48, JAFFE): only the training subjects of the fixed split (docs/posed_split.md)
     posed: list = field(default_factory=list)  # e.g. ["ckplus48", "jaffe"]; [] = FER2013 only
     posed_share: float = 0.1         # share of every epoch's draws that are posed faces (oversampled)
+    posed_balance: str = "none"      # none (every posed face equally likely) | set-class (each set x class equal)
     mixup: float = 0.0               # mixup (Zhang et al., 2018): Beta(a, a) mixing weight per batch; 0 = off
 
 
@@ -161,6 +162,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="comma-separated posed sets to add (ckplus48,jaffe): only the training subjects of the fixed "
                         "subject-disjoint split in docs/posed_split.md, oversampled to --posed-share of each epoch")
     p.add_argument("--posed-share", type=float, default=d.posed_share)
+    p.add_argument("--posed-balance", choices=["none", "set-class"], default=d.posed_balance,
+                   help="how the posed share is drawn: every posed face equally often (none), or every (set, class) "
+                        "pair equally often (set-class: JAFFE as often as CK+48, fear as often as surprise)")
     p.add_argument("--mixup", type=float, default=d.mixup, metavar="A",
                    help="mixup: each batch is blended with a shuffled copy of itself at a weight drawn from "
                         "Beta(A, A), and so are its labels and teacher probabilities (0: off; 0.2-0.4 is usual)")
