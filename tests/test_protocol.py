@@ -137,3 +137,24 @@ def test_evaluate_ckplus_on_held_out_subjects_updates_the_card(data_dir, tmp_pat
     assert "ckplus48-heldout/center" in json.loads((tmp_path / "results.json").read_text())
     assert f"CK+48 held-out subjects cross-dataset accuracy (6 shared classes, {held.sum()} faces" in (
         tmp_path / "README.md").read_text()
+
+
+def test_each_posed_set_is_predicted_once_and_held_out_rows_are_cut_from_it(data_dir):
+    """The all-subject and held-out rows of a set come from one prediction of its images: the held-out row equals
+    the all-subject row restricted to the held-out subjects."""
+    from fer_models.training.posed import jaffe_subject, load_split
+
+    predictor = protocol._predictor(str(CKPT), "cpu", None)
+    calls = []
+    crops_fn, batch_fn = predictor.predict_crops, predictor.analyze_batch
+    predictor.predict_crops = lambda images, **kw: calls.append(("crops", len(images))) or crops_fn(images, **kw)
+    predictor.analyze_batch = lambda images, **kw: calls.append(("frames", len(images))) or batch_fn(images, **kw)
+    rows = ["jaffe/crops", "jaffe/crops/heldout", "jaffe/fullframe", "jaffe/fullframe/heldout"]
+    res = protocol.run_protocol(predictor, data_dir, rows=rows)
+    n_crops, n_frames = len(res["jaffe/crops"]["correct"]), len(res["jaffe/fullframe"]["correct"])
+    assert sorted(calls) == [("crops", n_crops), ("frames", n_frames)]  # once per set, every image once
+    held = set(load_split()["jaffe"]["heldout"])
+    for kind in ("crops", "fullframe"):
+        names = protocol.read_jaffe(Path(data_dir), kind, predictor.class_names).names
+        mask = np.array([jaffe_subject(n) in held for n in names])
+        assert res[f"jaffe/{kind}/heldout"]["correct"] == np.array(res[f"jaffe/{kind}"]["correct"])[mask].tolist()

@@ -110,19 +110,19 @@ def _fer_row(predictor, data: FaceData, tta: bool) -> dict:
     return _row(data.labels, probs, members, predictor.class_names)
 
 
-def _ck_row(predictor, data: FaceData) -> dict:
-    probs, members = _predict(predictor, data.images)
+def _ck_row(data: FaceData, probs: np.ndarray, members: dict[str, np.ndarray], model_names: list[str]) -> dict:
+    """CK+48's scores on the classes it shares with the model (per image and per sequence)."""
     logp = np.log(np.clip(probs, 1e-12, None))
-    res = _cross_dataset(data.labels, logp, data.class_names, predictor.class_names, data.extra.get("sequences"))
-    _, keep, y = shared_labels(data.labels, data.class_names, predictor.class_names)
+    res = _cross_dataset(data.labels, logp, data.class_names, model_names, data.extra.get("sequences"))
+    _, keep, y = shared_labels(data.labels, data.class_names, model_names)
     res["correct"] = (probs[keep].argmax(1) == y).tolist()
     res["members"] = {k: float((v[keep].argmax(1) == y).mean()) for k, v in members.items()}
     return res
 
 
-def _fullframe_row(predictor, photos: Photos) -> dict:
+def _fullframe_predict(predictor, photos: Photos):
     """Every photo through the app's own path (``analyze_batch``: detection per photo, one forward for all
-    crops); the largest face found is the photo's prediction."""
+    crops); the largest face found is the photo's prediction. Returns probs, member probs and found."""
     c = len(predictor.class_names)
     probs = np.zeros((len(photos.images), c))
     members = {n: np.zeros((len(photos.images), c)) for n in predictor.backbones}
@@ -136,7 +136,7 @@ def _fullframe_row(predictor, photos: Photos) -> dict:
         probs[i] = [f.probs[n] for n in predictor.class_names]
         for v in f.votes:
             members[v.name][i] = [v.probs[n] for n in predictor.class_names]
-    return _row(photos.labels, probs, members, predictor.class_names, found)
+    return probs, members, found
 
 
 def run_protocol(predictor, data_root: Path, *, tencrop: bool = False, subset: Optional[int] = None,
@@ -161,24 +161,35 @@ def run_protocol(predictor, data_root: Path, *, tencrop: bool = False, subset: O
                 out[f"fer2013/{split}"] = _fer_row(predictor, part, tta=False)
             if split == "PrivateTest" and tencrop and "fer2013/PrivateTest/tencrop" in rows:
                 out["fer2013/PrivateTest/tencrop"] = _fer_row(predictor, part, tta=True)
-    for heldout in (False, True):
-        tag = "/heldout" if heldout else ""
-        if f"ckplus48{tag}" in rows:
-            ck = load_dataset(data_root / "ckplus48", kind="ckplus")
-            mask = subject_mask(ck.subjects, "ckplus48", "heldout") if heldout else np.ones(len(ck), bool)
-            idx = np.flatnonzero(mask)[pick(int(mask.sum()))]
-            out[f"ckplus48{tag}"] = _ck_row(predictor, ck.subset(idx))
-        for kind in ("crops", "fullframe"):
-            row = f"jaffe/{kind}{tag}"
-            if row not in rows:
-                continue
-            photos = read_jaffe(data_root, kind, names)
-            if heldout:
-                mask = subject_mask([jaffe_subject(n) for n in photos.names], "jaffe", "heldout")
-                photos = photos.subset(np.flatnonzero(mask))
-            photos = photos.subset(pick(len(photos.labels)))
-            out[row] = (_row(photos.labels, *_predict(predictor, photos.images), names) if kind == "crops"
-                        else _fullframe_row(predictor, photos))
+    # Each posed set is read and predicted once; its all-subject and held-out rows are cut from the predictions.
+    for base in ("ckplus48", "jaffe/crops", "jaffe/fullframe"):
+        tags = [t for t in ("", "/heldout") if f"{base}{t}" in rows]
+        if not tags:
+            continue
+        if base == "ckplus48":
+            data = load_dataset(data_root / "ckplus48", kind="ckplus")
+            subjects, labels = data.subjects, data.labels
+        else:
+            data = read_jaffe(data_root, base.split("/")[1], names)
+            subjects, labels = [jaffe_subject(n) for n in data.names], data.labels
+        picked = {}
+        for tag in tags:
+            mask = subject_mask(subjects, base.split("/")[0], "heldout") if tag else np.ones(len(labels), bool)
+            picked[tag] = np.flatnonzero(mask)[pick(int(mask.sum()))]
+        union = np.unique(np.concatenate(list(picked.values())))
+        if base == "ckplus48":
+            probs, members = _predict(predictor, data.images[union])
+        elif base == "jaffe/crops":
+            probs, members = _predict(predictor, data.subset(union).images)
+        else:
+            probs, members, found = _fullframe_predict(predictor, data.subset(union))
+        for tag, idx in picked.items():
+            pos = np.searchsorted(union, idx)
+            p, m = probs[pos], {k: v[pos] for k, v in members.items()}
+            if base == "ckplus48":
+                out[base + tag] = _ck_row(data.subset(idx), p, m, names)
+            else:
+                out[base + tag] = _row(labels[idx], p, m, names, found[pos] if base == "jaffe/fullframe" else None)
     ck_row = "ckplus48/heldout" if "ckplus48/heldout" in out else "ckplus48"
     if "fer2013/PublicTest" in out and ck_row in out:
         out["selection_score"] = (out["fer2013/PublicTest"]["accuracy"] + out[ck_row]["accuracy"]) / 2
