@@ -127,3 +127,26 @@ def test_train_with_mixup_and_balanced_posed_draws(data_dir, tmp_path):
     assert res["train_config"]["mixup"] == 0.4 and res["train_config"]["posed_balance"] == "set-class"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and np.isfinite(rows[0]["train_loss"])
+
+
+def test_ten_crop_teacher_logits_are_cached_as_asked(data_dir, tmp_path):
+    import fer_models as fm
+    from fer_models.models.predict import predict_logits
+    from fer_models.training.data import load_dataset
+    from fer_models.training.train import main
+    from safetensors.torch import load_file
+
+    fm.create_model("resnet_tiny").save_pretrained(tmp_path / "teacher")
+    run = tmp_path / "run"
+    args = ["--arch", "resnet_tiny", "--data", str(data_dir), "--output", str(run), "--epochs", "1", "--limit", "128",
+            "--distill-from", str(tmp_path / "teacher"), "--skip-final-eval"]
+    main(args)
+    assert json.loads((run / "teacher_logits.json").read_text())["tta"] == "center"
+    # another view of the teacher: the cache is recomputed (the final evaluation on 32 faces adds the agreement)
+    res = main(args[:-1] + ["--distill-tta", "tencrop"])
+    assert json.loads((run / "teacher_logits.json").read_text())["tta"] == "tencrop"
+    assert res["distillation"]["teacher_tta"] == "tencrop" and "ten-crop mean" in (run / "model" / "README.md").read_text()
+    faces = load_dataset(data_dir).get_split("Training").subset(slice(0, 128))
+    want, _ = predict_logits(fm.load_model(tmp_path / "teacher"), faces.images, tta="tencrop", device="cpu")
+    got = load_file(str(run / "teacher_logits.safetensors"))["Training"].numpy()
+    assert np.allclose(got, want, atol=1e-4)

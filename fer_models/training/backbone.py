@@ -47,29 +47,30 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: t
 
 
 def teacher_logits(cfg: TrainConfig, part: FaceData, run: Path, device: torch.device, split: str) -> torch.Tensor:
-    """The ``--distill-from`` teacher's centre-crop logits for ``part``, computed once into
-    ``run/teacher_logits.safetensors`` (one entry per split) and reused on resume: three teachers per training step
-    would cost the CPU more than the student itself."""
+    """The ``--distill-from`` teacher's logits for ``part`` (centre crop, or the ten crops' mean with
+    ``--distill-tta tencrop``), computed once into ``run/teacher_logits.safetensors`` (one entry per split) and
+    reused on resume: three teachers per training step would cost the CPU more than the student itself."""
     from ..models.fold import prepare_for_inference
 
     path = run / "teacher_logits.safetensors"
     cached = load_file(str(path)) if path.is_file() else {}
     meta_path = run / "teacher_logits.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("teacher") != str(cfg.distill_from):
-        cached, meta = {}, {"teacher": str(cfg.distill_from), "tta": "center"}
+    if meta.get("teacher") != str(cfg.distill_from) or meta.get("tta", "center") != cfg.distill_tta:
+        cached, meta = {}, {"teacher": str(cfg.distill_from), "tta": cfg.distill_tta}
     if split in cached and len(cached[split]) == len(part):
         return cached[split].to(device)
     t0 = time.time()
     teacher = prepare_for_inference(load_model(cfg.distill_from, device=device))
     if list(teacher.class_names) != list(part.class_names):
         raise ValueError(f"teacher {cfg.distill_from} has classes {teacher.class_names}, the data {part.class_names}")
-    logits, _ = predict_logits(teacher, part.images, tta="center", batch_size=cfg.eval_batch_size, device=device,
-                               amp=cfg.amp, channels_last=cfg.channels_last)
+    logits, _ = predict_logits(teacher, part.images, tta=cfg.distill_tta, batch_size=cfg.eval_batch_size,
+                               device=device, amp=cfg.amp, channels_last=cfg.channels_last)
     cached[split] = torch.from_numpy(logits).float()
     save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
     meta_path.write_text(json.dumps(meta))
-    log.info("teacher %s: %s logits of %d faces in %.1f s", cfg.distill_from, split, len(part), time.time() - t0)
+    log.info("teacher %s: %s %s logits of %d faces in %.1f s", cfg.distill_from, split, cfg.distill_tta, len(part),
+             time.time() - t0)
     return cached[split].to(device)
 
 
@@ -187,7 +188,7 @@ def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainCon
         loss = hard_loss(y, "mean")
         return (loss if perm is None else lam * loss + (1 - lam) * hard_loss(y[perm], "mean")), logits
     hard = hard_loss(y) if perm is None else lam * hard_loss(y) + (1 - lam) * hard_loss(y[perm])
-    # the teacher saw the un-augmented centre crop of the same face
+    # the teacher saw the un-augmented face (its centre crop, or the ten crops' mean)
     return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
 
 
@@ -436,8 +437,10 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
 
 
 def teacher_agreement(model: FERModel, data: FaceData, cfg: TrainConfig, run: Path, device: torch.device) -> dict:
-    """How often the student's centre-crop prediction equals the teacher's, and the teacher's own accuracy."""
-    out: dict = {"teacher": str(cfg.distill_from), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}
+    """How often the student's centre-crop prediction equals the teacher's (seen as it was distilled: centre crop or
+    ten crops), and the teacher's own accuracy."""
+    out: dict = {"teacher": str(cfg.distill_from), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature,
+                 "teacher_tta": cfg.distill_tta}
     for split in ("PublicTest", "PrivateTest"):
         part = data.get_split(split)
         if cfg.limit:

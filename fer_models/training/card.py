@@ -188,9 +188,10 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
         d = results["distillation"]
         agree = "; ".join(f"{split} {_pct(d[split]['agreement'])} (the teacher's own accuracy "
                           f"{_pct(d[split]['teacher_accuracy'])})" for split in ("PublicTest", "PrivateTest") if split in d)
+        view = "ten-crop mean" if d.get("teacher_tta") == "tencrop" else "centre-crop"
         extra.append(f"- Distilled from `{d['teacher']}` (Hinton et al., 2015: alpha {d['alpha']}, temperature "
-                     f"{d['temperature']}; the teacher's centre-crop logits on the Training faces, cached once). "
-                     f"Agreement with the teacher's prediction, centre crop: {agree}")
+                     f"{d['temperature']}; the teacher's {view} logits on the Training faces, cached once). "
+                     f"Agreement of the student's centre-crop prediction with the teacher's ({view}): {agree}")
     if "calibration" in results:
         extra.append(_calibration_line(out, results["calibration"]))
     members = ""

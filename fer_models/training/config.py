@@ -61,6 +61,7 @@ class TrainConfig:
     distill_from: Optional[str] = None  # teacher checkpoint (e.g. the shipped fusion); None = plain training
     distill_alpha: float = 0.9       # weight of the soft-target loss; 1 - alpha goes to the hard labels
     distill_temperature: float = 4.0  # softening temperature; the soft loss is scaled by T^2
+    distill_tta: str = "center"      # the teacher's view of each face: center crop, or tencrop (mean logits, 10x cost)
     # posed expressions (CK+48, JAFFE): only the training subjects of the fixed split (docs/posed_split.md)
     posed: list = field(default_factory=list)  # e.g. ["ckplus48", "jaffe"]; [] = FER2013 only
     posed_share: float = 0.1         # share of every epoch's draws that are posed faces (oversampled)
@@ -158,6 +159,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "once in the run directory, become soft targets")
     p.add_argument("--distill-alpha", type=float, default=d.distill_alpha, help="weight of the soft-target loss")
     p.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
+    p.add_argument("--distill-tta", choices=["center", "tencrop"], default=d.distill_tta,
+                   help="the teacher's logits from the centre crop, or averaged over the ten crops (a better "
+                        "teacher: the shipped fusion gains about a point; ten times the one-off caching cost)")
     p.add_argument("--posed", default="",
                    help="comma-separated posed sets to add (ckplus48,jaffe): only the training subjects of the fixed "
                         "subject-disjoint split in docs/posed_split.md, oversampled to --posed-share of each epoch")
