@@ -19,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"; OUT="${OUT:-runs/real}"; BASE="${BASE:-checkpoints}"
 MINUTES="${MINUTES:-15}"; LR="${LR:-0.01}"; EPOCHS="${EPOCHS:-4}"; RECIPE="${RECIPE:-real}"
+DISTILL="${DISTILL:-fusion}"; MEMBERS="${MEMBERS:-resnet18 vgg19 vgg19_cbam}"
 mkdir -p "$OUT/base"
 python - "$BASE" "$OUT/base" <<'PY'
 import sys
@@ -32,17 +33,17 @@ PY
 case "$RECIPE" in
   real) FT="--augment real --rotation 15 --scale 0.15" ;;
   posed) FT="--posed ckplus48,jaffe --posed-share 0.1"
-         if [ "${DISTILL:-fusion}" = fusion ]; then FT="$FT --distill-from $BASE"; fi ;;
+         if [ "$DISTILL" = fusion ]; then FT="$FT --distill-from $BASE"; fi ;;
   *) echo "RECIPE must be real or posed, not $RECIPE" >&2; exit 2 ;;
 esac
 FT="$FT --select-on public+ckplus48 --lr $LR --warmup 0.05 --epochs $EPOCHS"
 FT="$FT --max-minutes $MINUTES --save-every-minutes 3 --skip-final-eval --resume ${EXTRA:-}"
 CACHE=""   # the teacher's logits, computed by the first member and copied to the next
-for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
+for m in $MEMBERS; do
   if [ -n "$CACHE" ] && [ ! -e "$OUT/$m/teacher_logits.safetensors" ]; then
     mkdir -p "$OUT/$m"; cp "$CACHE"/teacher_logits.safetensors "$CACHE"/teacher_logits.json "$OUT/$m/"
   fi
-  SELF=""; if [ "$RECIPE" = posed ] && [ "${DISTILL:-fusion}" = self ]; then SELF="--distill-from $OUT/base/$m"; fi
+  SELF=""; if [ "$RECIPE" = posed ] && [ "$DISTILL" = self ]; then SELF="--distill-from $OUT/base/$m"; fi
   python -m fer_models.train --arch "$m" --data "$DATA" --init-from "$OUT/base/$m" --output "$OUT/$m" $FT $SELF
   if [ -z "$SELF" ] && [ -e "$OUT/$m/teacher_logits.safetensors" ]; then CACHE="$OUT/$m"; fi
 done
@@ -50,7 +51,7 @@ if [ "${UNTIL:-}" = members ]; then exit 0; fi
 S=""   # WISE=1: each member's weights interpolated with its start (python -m fer_models.interpolate), then fused
 if [ "${WISE:-0}" = 1 ]; then
   S=_wise
-  for m in ${MEMBERS:-resnet18 vgg19 vgg19_cbam}; do
+  for m in $MEMBERS; do
     if [ ! -f "$OUT/$m$S/best/model.safetensors" ]; then
       python -m fer_models.interpolate "$OUT/base/$m" "$OUT/$m/best" --data "$DATA" --output "$OUT/$m$S" ${ALPHAS:+--alphas "$ALPHAS"}
     fi
