@@ -12,14 +12,18 @@
 #     DISTILL=self: each member's own shipped weights as its teacher, learning without forgetting, so the members
 #     stay as different from each other as before; DISTILL=none: hard labels only).
 # WISE=1 fuses each member interpolated with its start (WiSE-FT, python -m fer_models.interpolate) instead;
-#   ALPHAS=0,0.5,0.75,1 sets the grid of interpolation weights it scores.
+#   ALPHAS=0,0.5,0.75,1 sets the grid of interpolation weights it scores. WISE=fusion chooses the members' weights
+#   together, by the fused model's scores (python -m fer_models.interpolate_fusion; FUSION_DROP, default 0.003, is
+#   the most fused PublicTest it may lose); its fusion and protocol land in $OUT/fusion_fwise, $OUT/protocol_fwise.json.
 # UNTIL=members stops before the fusion head, UNTIL=fusion before the protocol.
 # Every stage is resumable (--resume): rerun the same command after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DATA:-../shared/data}"; OUT="${OUT:-runs/real}"; BASE="${BASE:-checkpoints}"
 MINUTES="${MINUTES:-15}"; LR="${LR:-0.01}"; EPOCHS="${EPOCHS:-4}"; RECIPE="${RECIPE:-real}"
-DISTILL="${DISTILL:-fusion}"; MEMBERS="${MEMBERS:-resnet18 vgg19 vgg19_cbam}"
+DISTILL="${DISTILL:-fusion}"; MEMBERS="${MEMBERS:-resnet18 vgg19 vgg19_cbam}"; WISE="${WISE:-0}"
+case "$DISTILL" in fusion|self|none) ;; *) echo "DISTILL must be fusion, self or none, not $DISTILL" >&2; exit 2 ;; esac
+case "$WISE" in 0|1|fusion) ;; *) echo "WISE must be 0, 1 or fusion, not $WISE" >&2; exit 2 ;; esac
 mkdir -p "$OUT/base"
 python - "$BASE" "$OUT/base" <<'PY'
 import sys
@@ -48,16 +52,26 @@ for m in $MEMBERS; do
   if [ -z "$SELF" ] && [ -e "$OUT/$m/teacher_logits.safetensors" ]; then CACHE="$OUT/$m"; fi
 done
 if [ "${UNTIL:-}" = members ]; then exit 0; fi
-S=""   # WISE=1: each member's weights interpolated with its start (python -m fer_models.interpolate), then fused
-if [ "${WISE:-0}" = 1 ]; then
-  S=_wise
-  for m in $MEMBERS; do
-    if [ ! -f "$OUT/$m$S/best/model.safetensors" ]; then
-      python -m fer_models.interpolate "$OUT/base/$m" "$OUT/$m/best" --data "$DATA" --output "$OUT/$m$S" ${ALPHAS:+--alphas "$ALPHAS"}
-    fi
-  done
-fi
-python -m fer_models.train --arch fusion --members "$OUT/vgg19$S/best,$OUT/resnet18$S/best,$OUT/vgg19_cbam$S/best" \
-  --data "$DATA" --output "$OUT/fusion" --head-train-faces 8000 --resume ${FUSION_EXTRA:-}
+ORDER="vgg19 resnet18 vgg19_cbam"   # the fusion's member order
+M=""; F=""   # the fused members' directories, and the fusion's and protocol's suffix
+case "$WISE" in
+  0) for m in $ORDER; do M="$M,$OUT/$m/best"; done ;;
+  1)  # each member's weights interpolated with its start (python -m fer_models.interpolate), one at a time
+    for m in $MEMBERS; do
+      if [ ! -f "$OUT/${m}_wise/best/model.safetensors" ]; then
+        python -m fer_models.interpolate "$OUT/base/$m" "$OUT/$m/best" --data "$DATA" --output "$OUT/${m}_wise" ${ALPHAS:+--alphas "$ALPHAS"}
+      fi
+    done
+    for m in $ORDER; do M="$M,$OUT/${m}_wise/best"; done ;;
+  fusion)  # the members' weights chosen together by the fused model (python -m fer_models.interpolate_fusion)
+    F=_fwise; S0=""; S1=""
+    for m in $ORDER; do S0="$S0,$OUT/base/$m"; S1="$S1,$OUT/$m/best"; M="$M,$OUT/fusion_wise/$m/best"; done
+    if [ ! -f "$OUT/fusion_wise/search.json" ]; then
+      python -m fer_models.interpolate_fusion --start "${S0#,}" --finetuned "${S1#,}" --data "$DATA" \
+        --output "$OUT/fusion_wise" ${ALPHAS:+--alphas "$ALPHAS"} --max-public-drop "${FUSION_DROP:-0.003}"
+    fi ;;
+esac
+python -m fer_models.train --arch fusion --members "${M#,}" \
+  --data "$DATA" --output "$OUT/fusion$F" --head-train-faces 8000 --resume ${FUSION_EXTRA:-}
 if [ "${UNTIL:-}" = fusion ]; then exit 0; fi
-python -m fer_models.protocol "$OUT/fusion/model" --data "$DATA" --baseline "$BASE" --out "$OUT/protocol.json"
+python -m fer_models.protocol "$OUT/fusion$F/model" --data "$DATA" --baseline "$BASE" --out "$OUT/protocol$F.json"

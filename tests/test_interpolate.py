@@ -69,3 +69,51 @@ def test_cli_writes_the_kept_weights_and_every_alpha(data_dir, tmp_path):
         "resnet18": {"stages": history, "train_config": {}, "best_epoch": 1}}})
     assert f"interpolated with the starting checkpoint's at alpha {rec['alpha']:g}" in (
         tmp_path / "card" / "README.md").read_text()
+
+
+def test_fusion_level_choice_keeps_fused_public_within_the_bar():
+    from fer_models.training.interpolate_fusion import choose_combination
+
+    def row(a, b, pub, score):
+        return {"alphas": {"vgg19": a, "resnet18": b}, "public_acc": pub, "score": score}
+
+    rows = [row(0, 0, 0.720, 0.74), row(1, 1, 0.700, 0.85), row(0.5, 1, 0.718, 0.80), row(1, 0.5, 0.718, 0.80),
+            row(0.25, 0.25, 0.719, 0.76)]
+    assert choose_combination(rows, 0.003)["alphas"] == {"vgg19": 0.5, "resnet18": 1}  # tie: first of equal sums
+    assert choose_combination(rows, 0.05)["alphas"] == {"vgg19": 1, "resnet18": 1}
+    assert choose_combination(rows, 0.0)["alphas"] == {"vgg19": 0, "resnet18": 0}
+    rows.append(row(0.25, 0.5, 0.7185, 0.80))  # same score, smaller sum of alphas wins
+    assert choose_combination(rows, 0.003)["alphas"] == {"vgg19": 0.25, "resnet18": 0.5}
+
+
+def test_fusion_level_cli_scores_every_combination_and_saves_the_kept_members(data_dir, tmp_path):
+    from fer_models.training import interpolate_fusion
+
+    torch.manual_seed(0)
+    dirs = {}
+    for arch in ("resnet_tiny", "vgg_tiny"):
+        a, b = fm.create_model(arch).eval(), fm.create_model(arch).eval()
+        a.save_pretrained(tmp_path / "start" / arch)
+        b.save_pretrained(tmp_path / "ft" / arch / "best")
+        dirs[arch] = (str(tmp_path / "start" / arch), str(tmp_path / "ft" / arch / "best"))
+    out = tmp_path / "out"
+    rec = interpolate_fusion.main([
+        "--start", ",".join(d[0] for d in dirs.values()), "--finetuned", ",".join(d[1] for d in dirs.values()),
+        "--data", str(data_dir), "--output", str(out), "--alphas", "1", "--limit", "64", "--head-epochs", "5",
+        "--max-public-drop", "1"])
+    assert len(rec["combinations"]) == 4  # alphas {0, 1} for two members
+    assert rec["kept"] == max(rec["combinations"], key=lambda r: (r["score"], -sum(r["alphas"].values())))
+    assert all(0 <= r["ckplus48_acc"] <= 1 and 0 <= r["public_acc"] <= 1 for r in rec["combinations"])
+    for name, alpha in rec["kept"]["alphas"].items():
+        kept = fm.load_model(out / name / "best")
+        saved = json.loads((out / name / "model" / "results.json").read_text())["interpolation"]
+        assert saved["alpha"] == alpha and saved["chosen_by"] == "fusion" and len(saved["alphas"]) == 2
+        want = fm.load_model(dirs[kept.arch][int(alpha)])  # alpha 0 = the start, 1 = the fine-tuned end
+        k = next(k for k, v in want.state_dict().items() if v.is_floating_point() and v.dim() == 4)
+        assert torch.allclose(kept.state_dict()[k].float(), want.state_dict()[k].float(), atol=1e-3)
+    # a rerun reuses the cached logits
+    before = (out / "logits.npz").stat().st_mtime
+    interpolate_fusion.main([
+        "--start", ",".join(d[0] for d in dirs.values()), "--finetuned", ",".join(d[1] for d in dirs.values()),
+        "--data", str(data_dir), "--output", str(out), "--alphas", "1", "--limit", "64", "--head-epochs", "5"])
+    assert (out / "logits.npz").stat().st_mtime == before

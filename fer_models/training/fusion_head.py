@@ -22,6 +22,18 @@ from .state import log_metrics, training_history
 log = logging.getLogger("fer_models.train")
 
 
+def head_split(data: FaceData, split: str, cfg: TrainConfig) -> FaceData:
+    """The faces of ``split`` the head sees: all (or ``--limit``'s share), and for Training a seeded random subset
+    of ``--head-train-faces`` faces."""
+    part = data.get_split(split)
+    if cfg.limit:
+        part = part.subset(slice(0, cfg.limit if split == "Training" else max(cfg.limit // 4, 8)))
+    if split == "Training" and cfg.head_train_faces and cfg.head_train_faces < len(part):
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(len(part), cfg.head_train_faces, replace=False))
+        part = part.subset(pick)
+    return part
+
+
 def cache_member_logits(fusion: FusionModel, data: FaceData, run: Path, device: torch.device, cfg: TrainConfig) -> dict:
     """Member logits per split and view, computed once and kept in ``run/member_logits.npz``."""
     path = run / "member_logits.npz"
@@ -29,12 +41,7 @@ def cache_member_logits(fusion: FusionModel, data: FaceData, run: Path, device: 
     # PublicTest selects (single crop); PrivateTest is reported single-crop and ten-crop.
     wanted = [("Training", "center"), ("PublicTest", "center"), ("PrivateTest", "center"), ("PrivateTest", "tencrop")]
     for split, tta in wanted:
-        part = data.get_split(split)
-        if cfg.limit:
-            part = part.subset(slice(0, cfg.limit if split == "Training" else max(cfg.limit // 4, 8)))
-        if split == "Training" and cfg.head_train_faces and cfg.head_train_faces < len(part):
-            pick = np.sort(np.random.default_rng(cfg.seed).choice(len(part), cfg.head_train_faces, replace=False))
-            part = part.subset(pick)
+        part = head_split(data, split, cfg)
         for name, member in fusion.members.items():
             key = f"{split}/{tta}/{name}"
             if key in cache and len(cache[key]) == len(part):
@@ -79,6 +86,23 @@ def fit_fusion_head(fusion: FusionModel, cache: dict, cfg: TrainConfig, balance:
             "best_step": best[2], "balance": balance}
 
 
+def fit_head_trials(fusion: FusionModel, cache: dict, cfg: TrainConfig) -> tuple[dict, str]:
+    """Imbalance handling measured on the head, where a comparison costs seconds: the head is fitted from the
+    members' average without and with class weights, and the better on PublicTest is kept (loaded into ``fusion``).
+    Returns every trial's scores and the kept one's name."""
+    trials = {}
+    n = len(fusion.member_names)
+    for balance in ("none", "loss"):
+        with torch.no_grad():
+            fusion.head.weight.copy_(torch.cat([torch.eye(fusion.num_classes)] * n, 1) / n)
+            fusion.head.bias.zero_()
+        trials[balance] = fit_fusion_head(fusion, cache, cfg, balance)
+        trials[balance]["state"] = {k: v.clone() for k, v in fusion.head.state_dict().items()}
+    pick = max(trials, key=lambda b: trials[b]["public_acc"])
+    fusion.head.load_state_dict(trials[pick]["state"])
+    return {b: {k: v for k, v in t.items() if k != "state"} for b, t in trials.items()}, pick
+
+
 def train_fusion_head(cfg: TrainConfig, data: FaceData, run: Path, device: torch.device) -> tuple[FusionModel, dict]:
     if not cfg.members:
         raise ValueError("--arch fusion needs --members dirA,dirB,... (trained member checkpoints)")
@@ -97,19 +121,8 @@ def train_fusion_head(cfg: TrainConfig, data: FaceData, run: Path, device: torch
                 "stages": [{k: v for k, v in h.items() if k != "train_config"} for h in history],
             }
     if cfg.fusion_mode == "concat_linear":
-        # Imbalance handling measured on the head, where a comparison costs seconds: keep the better on PublicTest.
-        trials = {}
-        for balance in ("none", "loss"):
-            with torch.no_grad():
-                fusion.head.weight.copy_(torch.cat([torch.eye(fusion.num_classes)] * len(members), 1) / len(members))
-                fusion.head.bias.zero_()
-            trials[balance] = fit_fusion_head(fusion, cache, cfg, balance)
-            trials[balance]["state"] = {k: v.clone() for k, v in fusion.head.state_dict().items()}
-        pick = max(trials, key=lambda b: trials[b]["public_acc"])
-        fusion.head.load_state_dict(trials[pick]["state"])
-        info["head_trials"] = {b: {k: v for k, v in t.items() if k != "state"} for b, t in trials.items()}
-        info["head_balance"] = pick
-        log_metrics(run, {"fusion_head": info["head_trials"], "picked": pick})
+        info["head_trials"], info["head_balance"] = fit_head_trials(fusion, cache, cfg)
+        log_metrics(run, {"fusion_head": info["head_trials"], "picked": info["head_balance"]})
     info["temperatures"] = calibrate_fusion(fusion, cache)
     return fusion.to(device), info
 

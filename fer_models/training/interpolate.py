@@ -61,6 +61,24 @@ def choose(rows: list[dict], max_public_drop: float) -> dict:
     return max(ok, key=lambda r: (r["score"], -r["alpha"]))
 
 
+def parse_alphas(text: str) -> list[float]:
+    """``--alphas``: sorted, 0 (the start) always included, each in [0, 1]."""
+    alphas = sorted({float(a) for a in text.split(",") if a.strip()} | {0.0})
+    if any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise SystemExit(f"--alphas must lie in [0, 1], got {alphas}")
+    return alphas
+
+
+def load_ckplus(root: Path, subjects: str = "heldout"):
+    """CK+48 under the data root: every subject, or the fixed split's held-out subjects."""
+    ck = load_dataset(Path(root) / "ckplus48", kind="ckplus")
+    if subjects == "heldout":
+        from .posed import subject_mask
+
+        ck = ck.subset(np.flatnonzero(subject_mask(ck.subjects, "ckplus48", "heldout")))
+    return ck
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="WiSE-FT: interpolate a fine-tuned backbone with its starting weights.")
     p.add_argument("start", help="the checkpoint the fine-tune started from")
@@ -79,19 +97,13 @@ def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    alphas = sorted({float(a) for a in args.alphas.split(",") if a.strip()} | {0.0})
-    if any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise SystemExit(f"--alphas must lie in [0, 1], got {alphas}")
+    alphas = parse_alphas(args.alphas)
     start, finetuned = load_model(args.start), load_model(args.finetuned)
     if start.arch != finetuned.arch:
         raise SystemExit(f"{args.start} is {start.arch}, {args.finetuned} is {finetuned.arch}")
     root = Path(args.data)
     fer = load_dataset(root, kind="fer2013")
-    ck = load_dataset(root / "ckplus48", kind="ckplus")
-    if args.ckplus_subjects == "heldout":
-        from .posed import subject_mask
-
-        ck = ck.subset(np.flatnonzero(subject_mask(ck.subjects, "ckplus48", "heldout")))
+    ck = load_ckplus(root, args.ckplus_subjects)
     rows = []
     for a in alphas:
         model = interpolated(start, finetuned, a)
@@ -105,19 +117,22 @@ def main(argv: Optional[list] = None) -> dict:
     best = choose(rows, args.max_public_drop)
     log.info("kept alpha %.2f (PublicTest within %.1f points of the start, best selection score)", best["alpha"],
              100 * args.max_public_drop)
-    out = Path(args.output)
-    model = interpolated(start, finetuned, best["alpha"])
-    model.save_pretrained(out / "best", dtype=torch.float16)
-    # The fine-tune's record (so the fusion's card still tells how the member was trained) plus the interpolation.
-    src = Path(args.finetuned).parent / "model" / "results.json"
+    return save_interpolated(args.start, args.finetuned, start, finetuned, Path(args.output), {
+        "alpha": best["alpha"], "max_public_drop": args.max_public_drop, "ckplus_subjects": args.ckplus_subjects,
+        "alphas": rows})
+
+
+def save_interpolated(start_dir, finetuned_dir, start: FERModel, finetuned: FERModel, out: Path, record: dict) -> dict:
+    """The kept weights (``record["alpha"]``) in ``out/best`` and, in ``out/model/results.json``, the fine-tune's
+    record (so the fusion's card still tells how the member was trained) plus ``record`` as its interpolation."""
+    interpolated(start, finetuned, record["alpha"]).save_pretrained(out / "best", dtype=torch.float16)
+    src = Path(finetuned_dir).parent / "model" / "results.json"
     rec = json.loads(src.read_text()) if src.is_file() else {"arch": finetuned.arch}
-    rec["interpolation"] = {"start": str(args.start), "finetuned": str(args.finetuned), "alpha": best["alpha"],
-                            "max_public_drop": args.max_public_drop, "ckplus_subjects": args.ckplus_subjects,
-                            "alphas": rows}
+    rec["interpolation"] = {"start": str(start_dir), "finetuned": str(finetuned_dir), **record}
     (out / "model").mkdir(parents=True, exist_ok=True)
     (out / "model" / "results.json").write_text(json.dumps(rec, indent=1))
-    if (Path(args.finetuned).parent / "train_config.json").is_file():
-        shutil.copy(Path(args.finetuned).parent / "train_config.json", out / "train_config.json")
+    if (Path(finetuned_dir).parent / "train_config.json").is_file():
+        shutil.copy(Path(finetuned_dir).parent / "train_config.json", out / "train_config.json")
     return rec["interpolation"]
 
 
