@@ -1,5 +1,7 @@
 """The posed sets' fixed subject-disjoint split, training on its training subjects, and distillation's loss."""
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -150,3 +152,43 @@ def test_ten_crop_teacher_logits_are_cached_as_asked(data_dir, tmp_path):
     want, _ = predict_logits(fm.load_model(tmp_path / "teacher"), faces.images, tta="tencrop", device="cpu")
     got = load_file(str(run / "teacher_logits.safetensors"))["Training"].numpy()
     assert np.allclose(got, want, atol=1e-4)
+
+
+def test_teacher_logits_resume_from_the_last_saved_chunk(data_dir, tmp_path, monkeypatch):
+    """A run stopped while caching the teacher's logits picks up at the last saved chunk, with the same result."""
+    import fer_models as fm
+    from fer_models.training import backbone
+    from fer_models.training.config import TrainConfig
+    from fer_models.training.data import load_dataset
+
+    fm.create_model("resnet_tiny").save_pretrained(tmp_path / "teacher")
+    faces = load_dataset(data_dir).get_split("Training").subset(slice(0, 100))
+    cfg = TrainConfig(arch="resnet_tiny", distill_from=str(tmp_path / "teacher"), distill_tta="tencrop")
+    monkeypatch.setattr(backbone, "TEACHER_CHUNK", 32)
+    want = backbone.teacher_logits(cfg, faces, tmp_path / "whole", torch.device("cpu"), "Training")
+    assert not (tmp_path / "whole" / "teacher_logits.partial.safetensors").exists()
+
+    real, calls = backbone.predict_logits, []
+    def stop_after_two(model, images, **kw):
+        calls.append(len(images))
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(model, images, **kw)
+    run = tmp_path / "stopped"
+    monkeypatch.setattr(backbone, "predict_logits", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        backbone.teacher_logits(cfg, faces, run, torch.device("cpu"), "Training")
+    assert (run / "teacher_logits.partial.safetensors").is_file()
+    monkeypatch.setattr(backbone, "predict_logits", lambda m, images, **kw: (calls.append(len(images)), real(m, images, **kw))[1])
+    # a partial file of another view of the teacher is not reused
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run / "teacher_logits.partial.safetensors", other)
+    calls.clear()
+    backbone.teacher_logits(dataclasses.replace(cfg, distill_tta="center"), faces, other, torch.device("cpu"), "Training")
+    assert sum(calls) == 100
+    calls.clear()
+    got = backbone.teacher_logits(cfg, faces, run, torch.device("cpu"), "Training")
+    assert calls == [32, 4]  # faces 64-95 and 96-99 only
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not (run / "teacher_logits.partial.safetensors").exists()

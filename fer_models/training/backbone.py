@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -64,14 +65,38 @@ def teacher_logits(cfg: TrainConfig, part: FaceData, run: Path, device: torch.de
     teacher = prepare_for_inference(load_model(cfg.distill_from, device=device))
     if list(teacher.class_names) != list(part.class_names):
         raise ValueError(f"teacher {cfg.distill_from} has classes {teacher.class_names}, the data {part.class_names}")
-    logits, _ = predict_logits(teacher, part.images, tta=cfg.distill_tta, batch_size=cfg.eval_batch_size,
-                               device=device, amp=cfg.amp, channels_last=cfg.channels_last)
-    cached[split] = torch.from_numpy(logits).float()
+    # In chunks, each saved as it completes: a run stopped mid-way (ten-crop on 28,709 faces is most of an hour on
+    # two CPU cores) resumes from the last chunk instead of starting over.
+    run.mkdir(parents=True, exist_ok=True)
+    partial = run / "teacher_logits.partial.safetensors"
+    tag = {**meta, "split": split, "faces": str(len(part))}
+    done = []
+    if partial.is_file():
+        with safe_open(str(partial), "pt") as f:
+            if f.metadata() == tag:
+                done = [f.get_tensor("logits")]
+    start = len(done[0]) if done else 0
+    if start:
+        log.info("teacher %s: resuming %s %s logits at face %d of %d", cfg.distill_from, split, cfg.distill_tta,
+                 start, len(part))
+    for lo in range(start, len(part), TEACHER_CHUNK):
+        logits, _ = predict_logits(teacher, part.images[lo:lo + TEACHER_CHUNK], tta=cfg.distill_tta,
+                                   batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
+                                   channels_last=cfg.channels_last)
+        done.append(torch.from_numpy(logits).float())
+        save_file({"logits": torch.cat(done).contiguous()}, str(partial), metadata=tag)
+        log.info("teacher %s: %s %s logits %d / %d faces (%.0f s)", cfg.distill_from, split, cfg.distill_tta,
+                 min(lo + TEACHER_CHUNK, len(part)), len(part), time.time() - t0)
+    cached[split] = torch.cat(done) if done else torch.zeros(0, len(part.class_names))
     save_file({k: v.contiguous() for k, v in cached.items()}, str(path))
     meta_path.write_text(json.dumps(meta))
+    partial.unlink(missing_ok=True)
     log.info("teacher %s: %s %s logits of %d faces in %.1f s", cfg.distill_from, split, cfg.distill_tta, len(part),
              time.time() - t0)
     return cached[split].to(device)
+
+
+TEACHER_CHUNK = 2048  # faces per saved chunk of the teacher's logits
 
 
 def add_posed_faces(cfg: TrainConfig, train: FaceData, sample_weight: Optional[torch.Tensor],
