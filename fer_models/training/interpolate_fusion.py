@@ -80,7 +80,11 @@ def search(fusion: FusionModel, cache: dict, parts: dict, alphas: list[float], c
     ck = parts["ckplus48"]
     ck_names, model_names, seqs = ck.class_names, fusion.class_names, ck.extra.get("sequences")
     rows = []
-    for combo in itertools.product(alphas, repeat=len(names)):
+    combos = list(itertools.product(alphas, repeat=len(names)))
+    t0 = time.time()
+    for i, combo in enumerate(combos):
+        if i and i % 64 == 0:
+            log.info("%d of %d combinations (%.0f s)", i, len(combos), time.time() - t0)
         view = {}
         for split in ("Training", "PublicTest", "ckplus48"):
             view[f"{split}/labels"] = parts[split].labels
