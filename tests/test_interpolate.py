@@ -108,6 +108,13 @@ def test_fusion_level_cli_scores_every_combination_and_saves_the_kept_members(da
         kept = fm.load_model(out / name / "best")
         saved = json.loads((out / name / "model" / "results.json").read_text())["interpolation"]
         assert saved["alpha"] == alpha and saved["chosen_by"] == "fusion" and len(saved["alphas"]) == 2
+        from fer_models.training.card import write_model_card
+        from fer_models.training.state import training_history
+
+        write_model_card(tmp_path / "card", kept.cfg, {"arch": "fusion", "member_training": {
+            name: {"stages": training_history(out / name / "best"), "train_config": {}, "best_epoch": 1}}})
+        assert (f"alpha {alpha:g} (WiSE-FT; alpha chosen with the other members by the fused model on PublicTest"
+                in (tmp_path / "card" / "README.md").read_text())
         want = fm.load_model(dirs[kept.arch][int(alpha)])  # alpha 0 = the start, 1 = the fine-tuned end
         k = next(k for k, v in want.state_dict().items() if v.is_floating_point() and v.dim() == 4)
         assert torch.allclose(kept.state_dict()[k].float(), want.state_dict()[k].float(), atol=1e-3)

@@ -173,8 +173,9 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
               else "best PublicTest accuracy")
         interp = (stages[-1] if stages else {}).get("interpolation")
         if interp:
+            who = "with the other members by the fused model " if interp.get("chosen_by") == "fusion" else ""
             kept += (f" ({by}), then its weights interpolated with the starting checkpoint's at alpha "
-                     f"{interp['alpha']:g} (WiSE-FT; alpha chosen on PublicTest and CK+48"
+                     f"{interp['alpha']:g} (WiSE-FT; alpha chosen {who}on PublicTest and CK+48"
                      f"{' held-out subjects' if interp.get('ckplus_subjects') == 'heldout' else ''})")
         else:
             kept += f" ({by})"
