@@ -471,3 +471,21 @@ def test_extreme_float_arrays_load_without_overflow():
         rgb = load_image(a).pixels
     assert rgb.dtype == np.uint8 and rgb.shape == (16, 3, 3)
     assert rgb[0, 0, 0] == 255 and rgb[0, 1, 0] == 0 and rgb[1, 2, 0] == 128
+
+
+def test_reported_logits_are_the_apps_fp32_even_where_bf16_is_fast(monkeypatch):
+    """Evaluation (``predict_logits``' default) computes what the app computes: fp32, on any CPU. bf16 autocast
+    (training's auto setting on CPUs with bf16 units) moved logits by up to 0.16 and changed answers."""
+    from fer_models.models import predict
+
+    monkeypatch.setattr(predict, "cpu_has_fast_bf16", lambda: True)
+    torch.manual_seed(0)
+    model = fm.create_model("resnet_tiny").eval()
+    faces = np.random.default_rng(0).integers(0, 256, (16, 48, 48), dtype=np.uint8)
+    reported, _ = predict.predict_logits(model, faces)
+    p = FacePredictor(model, source=None, detector="mtcnn")
+    with torch.inference_mode():
+        served = p.model(p.prepare(list(faces))).logits.numpy()  # the app's folded copy
+    assert np.allclose(reported, served, atol=1e-4)
+    fast, _ = predict.predict_logits(model, faces, amp=None)  # training's auto: bf16 here
+    assert not np.allclose(fast, served, atol=1e-4)

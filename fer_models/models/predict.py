@@ -76,9 +76,14 @@ def forward_views(model: torch.nn.Module, views: torch.Tensor, *, attention: boo
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module, images: Union[np.ndarray, torch.Tensor], *, tta: str = "center", batch_size: int = 512,
-    device: Union[str, torch.device, None] = None, amp: Optional[bool] = None, channels_last: bool = True,
+    device: Union[str, torch.device, None] = None, amp: Optional[bool] = False, channels_last: bool = True,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Logits for uint8 ``N x H x W`` (or ``N x C x H x W``) faces already at the model's ``input_size``.
+
+    ``amp=False`` (the default) computes in fp32, the precision the app serves, so every score reported from here
+    (evaluation, calibration, robustness, the fusion head's logits) is the app's and does not depend on the
+    machine; ``amp=None`` is training's auto setting (bf16 autocast on CUDA and on CPUs with bf16 units), for the
+    per-epoch selection and the teacher's logits, where speed counts.
 
     Returns ``(logits, member_logits)``; ``member_logits`` is ``{}`` unless the model fuses members. With
     ``tta="tencrop"`` the logits are averaged over the ten crops (:func:`forward_views`). ``batch_size`` counts

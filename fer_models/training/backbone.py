@@ -472,7 +472,7 @@ def teacher_agreement(model: FERModel, data: FaceData, cfg: TrainConfig, run: Pa
             part = part.subset(slice(0, max(cfg.limit // 4, 8)))
         t = teacher_logits(cfg, part, run, device, split).cpu().numpy()
         s, _ = predict_logits(model, part.images, tta="center", batch_size=cfg.eval_batch_size, device=device,
-                              amp=cfg.amp, channels_last=cfg.channels_last)
+                              channels_last=cfg.channels_last)
         out[split] = {"agreement": float((s.argmax(1) == t.argmax(1)).mean()),
                       "teacher_accuracy": float((t.argmax(1) == part.labels).mean())}
     return out

@@ -47,8 +47,9 @@ def cache_member_logits(fusion: FusionModel, data: FaceData, run: Path, device: 
             if key in cache and len(cache[key]) == len(part):
                 continue
             t0 = time.time()
+            # fp32 whatever --amp says: the head is fitted, calibrated and scored on what the app feeds it
             cache[key], _ = predict_logits(member, part.images, tta=tta, batch_size=cfg.eval_batch_size,
-                                           device=device, amp=cfg.amp, channels_last=cfg.channels_last)
+                                           device=device, amp=False, channels_last=cfg.channels_last)
             log.info("cached %s logits (%d faces) in %.1f s", key, len(part), time.time() - t0)
             np.savez(path, **cache)
         cache[f"{split}/labels"] = part.labels

@@ -30,7 +30,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
@@ -102,12 +102,13 @@ def train_and_export(cfg: TrainConfig, device: torch.device, world: Distributed 
             for split, tta in (("PublicTest", "center"), ("PrivateTest", "center"), ("PrivateTest", "tencrop")):
                 results[f"{split}/{tta}"] = cached_results(model, cache, split, tta)
         else:
+            served = replace(cfg, amp=False)  # the reported scores in fp32, the app's precision (training may be bf16)
             for split in ("PublicTest", "PrivateTest"):
                 part = data.get_split(split)
                 if cfg.limit:
                     part = part.subset(slice(0, max(cfg.limit // 4, 8)))
                 for tta in ("center", "tencrop"):
-                    results[f"{split}/{tta}"] = evaluate(model, part, tta=tta, device=device, cfg=cfg)
+                    results[f"{split}/{tta}"] = evaluate(model, part, tta=tta, device=device, cfg=served)
             if cfg.distill_from:
                 results["distillation"] = teacher_agreement(model, data, cfg, run, device)
     export(model, run / "model", results, dtype=getattr(torch, cfg.save_dtype))
