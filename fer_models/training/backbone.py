@@ -31,6 +31,7 @@ from .distributed import Distributed, progress_for_world_size, shard, unwrap
 from .evaluate import evaluate_ckplus
 from .metrics import score_logits
 from .state import load_state, log_metrics, save_state, trim_metrics
+from .view_bank import ViewBank, build_view_bank, draw_views
 
 log = logging.getLogger("fer_models.train")
 
@@ -161,6 +162,7 @@ class TrainSet:
     loss_weight: Optional[torch.Tensor] = None
     sample_weight: Optional[torch.Tensor] = None
     soft_targets: Optional[torch.Tensor] = None
+    bank: Optional[ViewBank] = None  # --distill-views: the faces are drawn from these views, not augmented afresh
 
 
 @dataclass
@@ -189,6 +191,8 @@ def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainCon
     """The loss and logits of one batch: augment, normalise, forward, then the class-weighted (or distilled) loss."""
     spec = unwrap(model).input_spec()
     device = data.x.device
+    if data.bank is not None:
+        return bank_step_loss(model, data, idx, cfg, spec, flip=aug.flip, g=g)
     # Geometry on [0, 1] pixels (bilinear + border padding commute with the affine normalisation), then
     # light/optics/occlusion, then normalise.
     x = augment_batch(data.x[idx].float() / 255.0, spec["crop_size"], aug, generator=g)
@@ -214,6 +218,25 @@ def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainCon
         return (loss if perm is None else lam * loss + (1 - lam) * hard_loss(y[perm], "mean")), logits
     hard = hard_loss(y) if perm is None else lam * hard_loss(y) + (1 - lam) * hard_loss(y[perm])
     # the teacher saw the un-augmented face (its centre crop, or the ten crops' mean)
+    return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
+
+
+def bank_step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainConfig, spec: dict, *, flip: bool,
+                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`step_loss` on the view bank: one stored view per face, the teacher's logits on that very view, and
+    the hard labels mixed as the view's pixels are."""
+    x, teacher, partner, lam = draw_views(data.bank, idx, g, flip)
+    x = standardize(x, spec)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(data.x.device, amp_enabled(data.x.device, cfg.amp)):
+        logits = model(x).logits.float()
+
+    def hard_loss(labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=data.loss_weight, label_smoothing=cfg.label_smoothing,
+                               reduction="none")
+
+    hard = lam * hard_loss(data.y[idx]) + (1 - lam) * hard_loss(data.y[partner])
     return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
 
 
@@ -342,21 +365,31 @@ def build_backbone(cfg: TrainConfig, class_names: list, device: torch.device) ->
     return model
 
 
-def training_set(cfg: TrainConfig, train: FaceData, run: Path, device: torch.device, world: Distributed) -> TrainSet:
-    """Training faces on the device with the imbalance handling, the teacher's logits and the posed faces."""
+def training_set(cfg: TrainConfig, train: FaceData, run: Path, device: torch.device, world: Distributed,
+                 crop_size: int) -> TrainSet:
+    """Training faces on the device with the imbalance handling, the teacher's logits (or the view bank) and the
+    posed faces."""
+    if cfg.distill_views and not cfg.distill_from:
+        raise ValueError("--distill-views needs a teacher: --distill-from")
+    if cfg.distill_views and (cfg.posed or cfg.mixup > 0):
+        raise ValueError("--distill-views makes its own blended views of the FER2013 faces: run it without --posed "
+                         "and --mixup")
     counts = train.class_counts()
     loss_weight = class_weights(counts, cfg.balance_power).to(device) if cfg.balance == "loss" else None
     sample_weight = None
     if cfg.balance == "sampler":
         sample_weight = class_weights(counts, cfg.balance_power)[torch.from_numpy(train.labels)]
-    soft_targets = None
-    if cfg.distill_from:
+    soft_targets, bank = None, None
+    if cfg.distill_views:
+        with world.main_first():  # rank 0 computes and caches the views; the others read them
+            bank = build_view_bank(cfg, train, run, device, crop_size)
+    elif cfg.distill_from:
         with world.main_first():  # rank 0 computes and caches the teacher's logits; the others read them
             soft_targets = teacher_logits(cfg, train, run, device, "Training")
     if cfg.posed:
         train, sample_weight, soft_targets = add_posed_faces(cfg, train, sample_weight, soft_targets)
     return TrainSet(_to_device_uint8(train, device), torch.from_numpy(train.labels).to(device), loss_weight,
-                    sample_weight, soft_targets)
+                    sample_weight, soft_targets, bank)
 
 
 def resume_progress(cfg: TrainConfig, run: Path, model: nn.Module, opt: torch.optim.Optimizer,
@@ -415,7 +448,7 @@ def train_backbone(cfg: TrainConfig, data: FaceData, run: Path, device: torch.de
         public = public.subset(slice(0, max(cfg.limit // 4, 8)))
     model = build_backbone(cfg, data.class_names, device)
     opt = build_optimizer(cfg, model.parameters())
-    trainset = training_set(cfg, train, run, device, world)
+    trainset = training_set(cfg, train, run, device, world, model.input_spec()["crop_size"])
     steps_per_epoch = len(trainset.y) // world.world_size // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"only {len(trainset.y)} training faces: fewer than one batch of {cfg.batch_size} "
@@ -466,6 +499,9 @@ def teacher_agreement(model: FERModel, data: FaceData, cfg: TrainConfig, run: Pa
     ten crops), and the teacher's own accuracy."""
     out: dict = {"teacher": str(cfg.distill_from), "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature,
                  "teacher_tta": cfg.distill_tta}
+    if cfg.distill_views:
+        out.update(views=cfg.distill_views, view_mix=cfg.distill_view_mix,
+                   view_photometric=cfg.distill_view_photometric)
     for split in ("PublicTest", "PrivateTest"):
         part = data.get_split(split)
         if cfg.limit:

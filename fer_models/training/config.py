@@ -62,6 +62,9 @@ class TrainConfig:
     distill_alpha: float = 0.9       # weight of the soft-target loss; 1 - alpha goes to the hard labels
     distill_temperature: float = 4.0  # softening temperature; the soft loss is scaled by T^2
     distill_tta: str = "center"      # the teacher's view of each face: center crop, or tencrop (mean logits, 10x cost)
+    distill_views: int = 0           # > 0: a bank of this many augmented views per face, the teacher's logits on each
+    distill_view_mix: float = 0.5    # share of the bank's views blended with a second face
+    distill_view_photometric: float = 0.5  # share of the bank's views through the real-photo augmentation
     # posed expressions (CK+48, JAFFE): only the training subjects of the fixed split (docs/posed_split.md)
     posed: list = field(default_factory=list)  # e.g. ["ckplus48", "jaffe"]; [] = FER2013 only
     posed_share: float = 0.1         # share of every epoch's draws that are posed faces (oversampled)
@@ -162,6 +165,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-tta", choices=["center", "tencrop"], default=d.distill_tta,
                    help="the teacher's logits from the centre crop, or averaged over the ten crops (a better "
                         "teacher: the shipped fusion gains about a point; ten times the one-off caching cost)")
+    p.add_argument("--distill-views", type=int, default=d.distill_views, metavar="K",
+                   help="consistent distillation: K augmented views of every Training face (crop, flip, rotation, "
+                        "zoom; some blended with a second face, some through the real-photo augmentation) are made "
+                        "once with the teacher's logits on each, and the student trains on those views "
+                        "(fer_models/training/view_bank.py; costs K teacher passes over the Training set once)")
+    p.add_argument("--distill-view-mix", type=float, default=d.distill_view_mix,
+                   help="share of the views blended with a second face (weight of the face uniform in [0.5, 1])")
+    p.add_argument("--distill-view-photometric", type=float, default=d.distill_view_photometric,
+                   help="share of the views through the real-photo light/optics/occlusion augmentation")
     p.add_argument("--posed", default="",
                    help="comma-separated posed sets to add (ckplus48,jaffe): only the training subjects of the fixed "
                         "subject-disjoint split in docs/posed_split.md, oversampled to --posed-share of each epoch")
