@@ -190,8 +190,15 @@ def write_model_card(out: Path, cfg: dict, results: dict, repo_id: Optional[str]
         agree = "; ".join(f"{split} {_pct(d[split]['agreement'])} (the teacher's own accuracy "
                           f"{_pct(d[split]['teacher_accuracy'])})" for split in ("PublicTest", "PrivateTest") if split in d)
         view = "ten-crop mean" if d.get("teacher_tta") == "tencrop" else "centre-crop"
+        if d.get("views"):
+            source = (f"the teacher's logits on {d['views']} fixed augmented views of every Training face, each "
+                      f"computed once on exactly the view the student trains on ({d.get('view_mix', 0):.0%} of "
+                      f"them blended with a second face, {d.get('view_photometric', 0):.0%} through the real-photo "
+                      f"augmentation)")
+        else:
+            source = f"the teacher's {view} logits on the Training faces, cached once"
         extra.append(f"- Distilled from `{d['teacher']}` (Hinton et al., 2015: alpha {d['alpha']}, temperature "
-                     f"{d['temperature']}; the teacher's {view} logits on the Training faces, cached once). "
+                     f"{d['temperature']}; {source}). "
                      f"Agreement of the student's centre-crop prediction with the teacher's ({view}): {agree}")
     if "calibration" in results:
         extra.append(_calibration_line(out, results["calibration"]))
