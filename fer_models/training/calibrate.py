@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,6 +35,7 @@ import torch
 from ..models.base import calibrated_softmax
 from ..models.predict import predict_logits, softmax
 from ..models.preprocess import faces_to_uint8
+from .cli import setup_logging
 from .data import FaceData, load_dataset
 from .evaluate import shared_labels
 
@@ -330,8 +330,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    setup_logging(timestamps=True)
     from ..models import load_model
     from ..models.fold import prepare_for_inference
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..models import load_model
+from .cli import setup_logging
 from .data import FaceData, load_dataset
 from .metrics import format_report, plot_confusion, score_logits
 from ..models.predict import predict_logits, resolve_device
@@ -120,8 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging()
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     data_path = Path(args.data)

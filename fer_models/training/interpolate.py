@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from ..models import FERModel, load_model
+from .cli import setup_logging
 from .data import load_dataset
 from .evaluate import evaluate_ckplus, evaluate_fer
 
@@ -95,8 +95,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging()
     alphas = parse_alphas(args.alphas)
     start, finetuned = load_model(args.start), load_model(args.finetuned)
     if start.arch != finetuned.arch:

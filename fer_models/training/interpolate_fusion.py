@@ -27,7 +27,6 @@ import argparse
 import itertools
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,6 +37,7 @@ import torch
 from ..models import load_model
 from ..models.fusion import FusionModel
 from ..models.predict import predict_logits
+from .cli import setup_logging
 from .config import TrainConfig
 from .data import load_dataset
 from .evaluate import _cross_dataset
@@ -136,8 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging()
     alphas = parse_alphas(args.alphas)
     starts, ends = args.start.split(","), args.finetuned.split(",")
     if len(starts) != len(ends) or len(starts) < 2:

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from .cli import setup_logging
 from .data import FaceData, load_dataset
 from .evaluate import _cross_dataset, fixed_subset, shared_labels
 from .metrics import mcnemar_exact, score_logits
@@ -271,8 +271,7 @@ def _predictor(model_path: str, device: str, detector: Optional[str]):
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging()
     rows = [r for r in args.rows.split(",") if r]
     bad = sorted(set(rows) - set(ROWS))
     if bad:

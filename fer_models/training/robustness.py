@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import cv2
 import numpy as np
 
 from ..models.predict import predict_logits, resolve_device
+from .cli import setup_logging
 from .metrics import mcnemar_exact, score_logits
 
 log = logging.getLogger("fer_models.robustness")
@@ -379,8 +379,7 @@ def main(argv: Optional[list] = None) -> dict:
     from .evaluate import fixed_subset
 
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    setup_logging()
     if args.update_card and not Path(args.model).is_dir():
         raise SystemExit("--update-card needs a local model directory")
     perturbations = get_perturbations(args.perturbations.split(",") if args.perturbations else None)

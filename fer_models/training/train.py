@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 
 from ..models.predict import resolve_device
 from .backbone import evaluate, teacher_agreement, train_backbone
+from .cli import setup_logging
 from .config import TrainConfig, config_from_args, get_args_parser
 from .data import load_dataset
 from .distributed import Distributed, init_distributed
@@ -50,8 +50,7 @@ log = logging.getLogger("fer_models.train")
 
 def main(argv: Optional[list] = None) -> dict:
     args = get_args_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    setup_logging(timestamps=True)
     cfg = config_from_args(args)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
