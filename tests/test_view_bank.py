@@ -122,5 +122,7 @@ def test_train_on_the_view_bank(data_dir, tmp_path):
     with pytest.raises(ValueError, match="needs a teacher"):
         main(["--arch", "resnet_tiny", "--data", str(data_dir), "--output", str(tmp_path / "r2"), "--epochs", "1",
               "--limit", "128", "--distill-views", "2"])
+    with pytest.raises(ValueError, match="must be 0"):
+        main(args[:-2] + ["--distill-views", "-1"])
     with pytest.raises(ValueError, match="without --posed and --mixup"):
         main(args[:-2] + ["--distill-views", "2", "--mixup", "0.3"])

@@ -369,6 +369,8 @@ def training_set(cfg: TrainConfig, train: FaceData, run: Path, device: torch.dev
                  crop_size: int) -> TrainSet:
     """Training faces on the device with the imbalance handling, the teacher's logits (or the view bank) and the
     posed faces."""
+    if cfg.distill_views < 0:
+        raise ValueError(f"--distill-views must be 0 (off) or a number of views, not {cfg.distill_views}")
     if cfg.distill_views and not cfg.distill_from:
         raise ValueError("--distill-views needs a teacher: --distill-from")
     if cfg.distill_views and (cfg.posed or cfg.mixup > 0):
