@@ -197,8 +197,6 @@ def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainCon
     # light/optics/occlusion, then normalise.
     x = augment_batch(data.x[idx].float() / 255.0, spec["crop_size"], aug, generator=g)
     x = standardize(photometric_batch(x, aug, generator=g), spec)  # face_norm as at inference, then mean/std
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     y = data.y[idx]
     teacher = data.soft_targets[idx] if data.soft_targets is not None else None
     lam, perm = mixup_draw(cfg.mixup, len(idx), g, device)
@@ -206,17 +204,15 @@ def step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: TrainCon
         x = lam * x + (1 - lam) * x[perm]
         if teacher is not None:
             teacher = mix_teacher(teacher, perm, lam, cfg.distill_temperature)
-    with autocast(device, amp_enabled(device, cfg.amp)):
-        logits = model(x).logits.float()
-
-    def hard_loss(labels: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-        return F.cross_entropy(logits, labels, weight=data.loss_weight, label_smoothing=cfg.label_smoothing,
-                               reduction=reduction)
-
+    logits = train_forward(model, x, cfg)
     if teacher is None:  # mixup's loss is the same mixture of the two labels' losses
-        loss = hard_loss(y, "mean")
-        return (loss if perm is None else lam * loss + (1 - lam) * hard_loss(y[perm], "mean")), logits
-    hard = hard_loss(y) if perm is None else lam * hard_loss(y) + (1 - lam) * hard_loss(y[perm])
+        loss = class_loss(logits, y, data, cfg, "mean")
+        if perm is not None:
+            loss = lam * loss + (1 - lam) * class_loss(logits, y[perm], data, cfg, "mean")
+        return loss, logits
+    hard = class_loss(logits, y, data, cfg)
+    if perm is not None:
+        hard = lam * hard + (1 - lam) * class_loss(logits, y[perm], data, cfg)
     # the teacher saw the un-augmented face (its centre crop, or the ten crops' mean)
     return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
 
@@ -226,18 +222,25 @@ def bank_step_loss(model: nn.Module, data: TrainSet, idx: torch.Tensor, cfg: Tra
     """:func:`step_loss` on the view bank: one stored view per face, the teacher's logits on that very view, and
     the hard labels mixed as the view's pixels are."""
     x, teacher, partner, lam = draw_views(data.bank, idx, g, flip)
-    x = standardize(x, spec)
+    logits = train_forward(model, standardize(x, spec), cfg)
+    own, blended = class_loss(logits, data.y[idx], data, cfg), class_loss(logits, data.y[partner], data, cfg)
+    hard = lam * own + (1 - lam) * blended
+    return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
+
+
+def train_forward(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """fp32 logits of standardised faces, channels-last and under bf16 autocast as the run is configured."""
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(data.x.device, amp_enabled(data.x.device, cfg.amp)):
-        logits = model(x).logits.float()
+    with autocast(x.device, amp_enabled(x.device, cfg.amp)):
+        return model(x).logits.float()
 
-    def hard_loss(labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, weight=data.loss_weight, label_smoothing=cfg.label_smoothing,
-                               reduction="none")
 
-    hard = lam * hard_loss(data.y[idx]) + (1 - lam) * hard_loss(data.y[partner])
-    return distillation_loss(logits, teacher, hard, cfg.distill_alpha, cfg.distill_temperature), logits
+def class_loss(logits: torch.Tensor, labels: torch.Tensor, data: TrainSet, cfg: TrainConfig,
+               reduction: str = "none") -> torch.Tensor:
+    """The hard-label loss: class-weighted cross-entropy with the run's label smoothing."""
+    return F.cross_entropy(logits, labels, weight=data.loss_weight, label_smoothing=cfg.label_smoothing,
+                           reduction=reduction)
 
 
 def mixup_draw(alpha: float, n: int, g: torch.Generator, device: torch.device):

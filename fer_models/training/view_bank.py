@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..models.predict import amp_enabled, autocast
+from ..models.predict import amp_enabled, autocast, forward_views
 from ..models.preprocess import normalize
 from .augment import AugmentConfig, augment_batch, photometric_batch
 from .config import TrainConfig
@@ -94,10 +94,8 @@ def teacher_on_views(teacher: torch.nn.Module, views: torch.Tensor, *, batch_siz
     out = []
     for i in range(0, len(views), batch_size):
         x = normalize(views[i:i + batch_size].to(device), spec)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_enabled(device, amp)):
-            out.append(teacher(x).logits.float().cpu())
+            out.append(forward_views(teacher, x, channels_last=channels_last).logits.float().cpu())
     return torch.cat(out)
 
 
